@@ -1,0 +1,1 @@
+"""Built-in QAT methods: one module each, registered by `@METHODS.register(name)`."""

@@ -1,0 +1,46 @@
+"""BinaryRelax: a relaxed quantization that is annealed to hard quantization."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import Tensor
+
+from qatbench.method import ProxConfig, ProxMethod
+from qatbench.params import param
+from qatbench.quant import hard_quantize
+from qatbench.registry import METHODS
+from qatbench.schedules import linear_ramp, resolve_point
+
+
+@dataclasses.dataclass(frozen=True)
+class BinaryRelaxConfig(ProxConfig):
+    anneal_start: float = param(0.0, "QAT step (or fraction of training) where the relaxation starts")
+    anneal_end: float = param(0.75, "QAT step (or fraction of training) from which p = hardquant(w)")
+
+
+@METHODS.register("binaryrelax")
+class BinaryRelax(ProxMethod):
+    """BinaryRelax (Yin et al., SIAM J. Imaging Sciences 2018), as `ProxBinaryRelax` of the PARQ reference.
+
+    Prox map at QAT step t, with `theta = (t - start) / (end - start)` clipped to [0, 1]:
+    `p = w` before `anneal_start`; `p = (1 - theta) w + theta hardquant(w)` in between;
+    `p = hardquant(w)` from `anneal_end` on.
+    """
+
+    Config = BinaryRelaxConfig
+
+    def __init__(self, config: BinaryRelaxConfig, optimizer, quantizer, total_steps, generator) -> None:
+        super().__init__(config, optimizer, quantizer, total_steps, generator)
+        self.anneal_start = resolve_point(config.anneal_start, total_steps, "anneal_start")
+        self.anneal_end = max(self.anneal_start + 1, resolve_point(config.anneal_end, total_steps, "anneal_end"))
+        self.theta = 0.0
+
+    def prox(self, latent: Tensor, levels: Tensor, t: int) -> Tensor:
+        self.theta = linear_ramp(t, self.anneal_start, self.anneal_end)
+        if self.theta == 0.0:
+            return latent
+        return latent.lerp(hard_quantize(latent, levels), self.theta)
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"theta": self.theta}

@@ -1,0 +1,22 @@
+"""STE / BinaryConnect: train with hard-quantized weights, update the latent ones."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from qatbench.method import ProxMethod
+from qatbench.quant import hard_quantize
+from qatbench.registry import METHODS
+
+
+@METHODS.register("ste")
+class STE(ProxMethod):
+    """BinaryConnect (Courbariaux et al., NeurIPS 2015) with the straight-through estimator.
+
+    Prox map `ProxHardQuant` of the PARQ reference: `p = hardquant(w) = Q[nearest(w)]`.
+    The gradient taken at `p` is applied to the latent `w` unchanged (identity STE):
+    `w <- base_step(w, grad L(p))`.
+    """
+
+    def prox(self, latent: Tensor, levels: Tensor, t: int) -> Tensor:
+        return hard_quantize(latent, levels)

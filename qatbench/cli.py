@@ -1,0 +1,168 @@
+"""`qatbench run | list | leaderboard`: the command line.
+
+Every user error is printed as one line (`qatbench: error: ...`), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import shlex
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from . import leaderboard
+from .errors import QatbenchError
+from .harness import RunSpec, resolve, run_all
+from .params import describe, parse_assignments
+from .quant import parse_bits
+from .registry import METHODS, TASKS, load_plugin_file
+from .results import load_records
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are QatbenchErrors (one line, no usage dump)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise QatbenchError(f"{self.prog}: {message} (see --help)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    plugins = _Parser(add_help=False)
+    plugins.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
+                         help="load a method or task plugin file (repeatable)")
+    parser = _Parser(prog="qatbench", description="Benchmark quantization-aware training methods.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", parents=[plugins], help="train and record runs (every combination of the lists)")
+    run.add_argument("--method", nargs="+", required=True, help="method name(s), see `qatbench list methods`")
+    run.add_argument("--task", nargs="+", required=True, help="task name(s), see `qatbench list tasks`")
+    run.add_argument("--bits", nargs="+", default=None, help="bit width(s): 1..8, or T for ternary (fp ignores it)")
+    run.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
+    run.add_argument("--granularity", default=None, help="channel | tensor (default: the task's)")
+    run.add_argument("--quantizer", default=None, help="level set: uniform | lsbq (default: the task's)")
+    run.add_argument("--recipe", default="paper", help="smoke | short | paper (default: paper)")
+    run.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    run.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch size")
+    run.add_argument("--lr", type=float, default=None, help="override the recipe's learning rate")
+    run.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                     help="a method hyper-parameter (repeatable), e.g. anneal_end=0.75")
+    run.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
+                     help="a task option (repeatable), e.g. hidden=64")
+    run.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    run.add_argument("--data-root", type=Path, default=None, help="where the data set lies (searched first)")
+    run.add_argument("--no-download", action="store_true", help="never try to download a missing data set")
+    run.add_argument("--out", type=Path, default=Path("runs"), help="folder of run records (default: runs/)")
+    run.add_argument("--force", action="store_true", help="rerun runs whose record already exists")
+
+    lst = sub.add_parser("list", parents=[plugins], help="list methods and tasks with their options")
+    lst.add_argument("what", nargs="?", default="all", help="methods | tasks | all")
+
+    board = sub.add_parser("leaderboard", parents=[plugins], help="build markdown tables from run records")
+    board.add_argument("records", nargs="+", type=Path, help="record files or folders (searched recursively)")
+    board.add_argument("-o", "--out", type=Path, default=None,
+                       help="write <task>.md files and README.md here (default: print to stdout)")
+    return parser
+
+
+def _specs(args: argparse.Namespace) -> list[RunSpec]:
+    bits_values = [parse_bits(b) for b in args.bits] if args.bits else [None]
+    method_args = parse_assignments(args.method_arg, "--method-arg")
+    task_args = parse_assignments(args.task_arg, "--task-arg")
+    specs = []
+    for task, method, seed in itertools.product(args.task, args.method, args.seeds):
+        for bits in ([None] if not METHODS.get(method).quantizes else bits_values):
+            specs.append(RunSpec(
+                method=method, task=task, bits=bits, seed=seed, recipe=args.recipe,
+                method_args=method_args if METHODS.get(method).quantizes or not method_args else {},
+                task_args=task_args, scheme=args.quantizer, granularity=args.granularity, epochs=args.epochs,
+                batch_size=args.batch_size, lr=args.lr, device=args.device))
+    return specs
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise QatbenchError(f"output folder {str(folder)!r} is not writable: {err.strerror or err}") from None
+
+
+def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
+    runs = [resolve(spec) for spec in _specs(args)]  # validate everything before training anything
+    _check_writable(args.out)
+    records = run_all(runs, args.out, args.data_root, not args.no_download, args.force,
+                      log=lambda line: print(line, flush=True), command=shlex.join(["qatbench", *argv]))
+    failed = [r for r in records if r.status != "ok"]
+    print(f"{len(records)} runs, {len(records) - len(failed)} ok; records in {args.out}/")
+    return 1 if failed else 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    if args.what not in ("methods", "tasks", "all"):
+        from .errors import valid_choices
+
+        raise QatbenchError(f"cannot list {args.what!r}; {valid_choices(args.what, ['methods', 'tasks', 'all'])}")
+    if args.what in ("methods", "all"):
+        print("Methods:")
+        for name in METHODS.names():
+            _print_entry(name, METHODS.get(name))
+    if args.what in ("tasks", "all"):
+        print("Tasks:")
+        for name in TASKS.names():
+            task = TASKS.get(name)
+            _print_entry(name, task)
+            for recipe_name, recipe in task.recipes.items():
+                fields = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(recipe).items() if v not in ((), 0.0))
+                print(f"      recipe {recipe_name}: {fields}")
+    return 0
+
+
+def _print_entry(name: str, cls: type) -> None:
+    summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+    print(f"  {name:<20} {summary}")
+    for field, type_name, default, help_text in describe(cls.Config):
+        print(f"      {field}: {type_name} = {default!r}  {help_text}")
+
+
+def _cmd_leaderboard(args: argparse.Namespace, argv: list[str]) -> int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = load_records(args.records)
+    for w in caught:
+        print(f"qatbench: warning: {w.message}", file=sys.stderr)
+    regenerate = shlex.join(["qatbench", *argv])
+    if args.out is None:
+        for text in leaderboard.build(records, regenerate).values():
+            print(text)
+        return 0
+    for path in leaderboard.write(records, args.out, regenerate):
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _build_parser().parse_args(argv)
+        for plugin in args.plugin:
+            load_plugin_file(plugin)
+        if args.command == "run":
+            return _cmd_run(args, argv)
+        if args.command == "list":
+            return _cmd_list(args)
+        return _cmd_leaderboard(args, argv)
+    except QatbenchError as err:
+        print(f"qatbench: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qatbench: interrupted; every finished run's record is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

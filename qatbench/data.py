@@ -1,0 +1,103 @@
+"""Finding data sets on disk, and reading the IDX format of (Fashion-)MNIST.
+
+Resolution order for a data set (DESIGN.md): `--data-root`, `$QATBENCH_DATA`,
+`~/.cache/qatbench`, the system data set folders (Debian's `dataset-*` packages
+install under `/usr/share/datasets`), then a download where the library can.
+Each root is searched as given and in the data set's conventional sub-folders.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import QatbenchError
+
+SYSTEM_DATA_DIR = Path("/usr/share/datasets")
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "qatbench"
+
+
+def candidate_roots(data_root: Path | None) -> list[Path]:
+    """Every root to search, in order."""
+    roots = [data_root] if data_root is not None else []
+    if os.environ.get("QATBENCH_DATA"):
+        roots.append(Path(os.environ["QATBENCH_DATA"]))
+    roots += [default_cache_dir(), SYSTEM_DATA_DIR]
+    return [Path(r).expanduser() for r in roots]
+
+
+def _has_files(folder: Path, files: Sequence[str]) -> bool:
+    return all((folder / f).is_file() or (folder / f"{f}.gz").is_file() for f in files)
+
+
+def locate(
+    dataset: str,
+    files: Sequence[str],
+    subdirs: Sequence[str],
+    data_root: Path | None,
+    how_to_get: str,
+    download: Callable[[Path], None] | None = None,
+) -> Path:
+    """The first folder holding all `files` (plain or `.gz`), downloading as a last resort."""
+    looked: list[Path] = []
+    for root in candidate_roots(data_root):
+        for sub in ("", *subdirs):
+            folder = root / sub if sub else root
+            looked.append(folder)
+            if _has_files(folder, files):
+                return folder
+    failure = ""
+    if download is not None:
+        target = default_cache_dir()
+        try:
+            download(target)
+        except Exception as err:  # any network or library failure ends in the one-line error below
+            failure = f"; download into {target} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        else:
+            for sub in subdirs:
+                if _has_files(target / sub, files):
+                    return target / sub
+    places = ", ".join(str(p) for p in dict.fromkeys(looked))
+    raise QatbenchError(f"{dataset} not found (looked in: {places}){failure}. {how_to_get}")
+
+
+def open_maybe_gzip(path: Path):
+    """Open `path`, or `path.gz` if only that exists; gzip is recognised by its magic bytes."""
+    if not path.is_file():
+        path = path.with_name(path.name + ".gz")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+
+
+# Written by hand: torchvision's IDX parser is private API and reads only
+# uncompressed files, while Debian ships the archives gzipped (with gzip bytes that
+# differ from upstream's, so the content is read and no archive checksum is used).
+_IDX_DTYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torch.int32, 0x0D: torch.float32, 0x0E: torch.float64}
+
+
+def read_idx(path: Path) -> Tensor:
+    """Read an IDX file (the MNIST format): magic `00 00 <dtype> <ndim>`, big-endian int32 dims, data."""
+    with open_maybe_gzip(path) as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise QatbenchError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
+    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = raw[4 + 4 * ndim :]
+    expected = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+    if len(data) != expected:
+        raise QatbenchError(f"{path}: IDX header says shape {tuple(shape)} ({expected} bytes), file holds {len(data)}")
+    tensor = torch.frombuffer(bytearray(data), dtype=dtype)
+    if dtype.itemsize > 1:  # IDX is big-endian
+        tensor = tensor.view(torch.uint8).view(-1, dtype.itemsize).flip(1).reshape(-1).view(dtype)
+    return tensor.reshape(shape)

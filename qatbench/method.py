@@ -1,0 +1,164 @@
+"""The Method contract, and the optimizer-wrapper form shared by STE, BinaryRelax and PARQ.
+
+A method wraps the task's base `torch.optim` optimizer and the shared quantizer,
+and acts on the parameter groups the task marks with `"quant": True`. The harness
+calls, per batch: forward + backward at the model's current weights, then
+`method.step(closure)`, where `closure()` returns the batch loss at the current
+weights (forward only, no graph). After training it calls `finalize()`, which must
+leave every quantized tensor exactly on its levels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .params import NoConfig, param
+from .quant import QuantizerConfig, as_rows, estimate_levels, hard_quantize
+from .schedules import resolve_point
+
+Closure = Callable[[], Tensor]
+
+
+class Method(ABC):
+    """One QAT method. Subclasses set `Config` (a dataclass) and implement `step`."""
+
+    name: ClassVar[str] = ""  # set by the registry
+    Config: ClassVar[type] = NoConfig
+    quantizes: ClassVar[bool] = True  # False only for the full-precision baseline
+
+    def __init__(
+        self,
+        config: Any,
+        optimizer: torch.optim.Optimizer,
+        quantizer: QuantizerConfig | None,
+        total_steps: int,
+        generator: torch.Generator,
+    ) -> None:
+        self.config = config
+        self.optimizer = optimizer
+        self.quantizer = quantizer
+        self.total_steps = total_steps
+        self.generator = generator
+        self.steps = 0  # completed calls to step()
+
+    def quantized_params(self) -> list[Tensor]:
+        """The parameters of the groups the task marked as quantized."""
+        return [p for g in self.optimizer.param_groups if g.get("quant") for p in g["params"]]
+
+    @abstractmethod
+    def step(self, closure: Closure | None = None) -> None:
+        """One QAT step, after the harness's forward + backward."""
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def finalize(self) -> None:
+        """Leave every quantized tensor exactly on its levels."""
+
+    def diagnostics(self) -> dict[str, float]:
+        """Scalars worth logging once per epoch (schedule values and the like)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = state["steps"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxConfig:
+    """Hyper-parameters shared by every method of the optimizer-wrapper form."""
+
+    warmup: float = param(0.0, "steps (or fraction of training) of plain full-precision training before QAT starts")
+    quant_period: int = param(10, "re-estimate the levels Q every this many steps")
+
+    def __post_init__(self) -> None:
+        if self.quant_period < 1:
+            raise ValueError(f"quant_period={self.quant_period} must be >= 1")
+
+
+class ProxMethod(Method):
+    """`QuantOptimizer(base_optimizer, quantizer, prox_map)` of the PARQ paper (Jin et al., ICML 2025).
+
+    Each step, for every quantized tensor with latent weights `w` and model weights `p`:
+    (1) restore `p <- w`; (2) base optimizer step on `w`, with the gradient that was
+    taken at the quantized/relaxed weights; (3) save `w <- p`; (4) every
+    `quant_period` steps re-estimate Q from `w`; (5) set `p <- prox(w, Q, t)`.
+    STE, BinaryRelax and PARQ differ only in `prox`.
+    """
+
+    Config: ClassVar[type] = ProxConfig
+
+    def __init__(self, config: ProxConfig, optimizer, quantizer, total_steps, generator) -> None:
+        super().__init__(config, optimizer, quantizer, total_steps, generator)
+        assert quantizer is not None, "a quantizing method needs a quantizer"
+        self.warmup_steps = resolve_point(config.warmup, total_steps, "warmup")
+        self.params = self.quantized_params()
+        self.latent: list[Tensor] = []
+        self.levels: list[Tensor] = []
+
+    # -- the proximal map ------------------------------------------------------------
+    @abstractmethod
+    def prox(self, latent: Tensor, levels: Tensor, t: int) -> Tensor:
+        """The model weights for latent rows `latent` and levels `levels` at QAT step `t`."""
+
+    def prox_input(self, latent: Tensor) -> Tensor:
+        """What the levels are estimated from and `prox` acts on (PARQ may shrink it)."""
+        return latent
+
+    def on_base_step(self) -> None:
+        """Hook after each base-optimizer step of QAT (PARQ accumulates its learning rate)."""
+
+    # -- the step ----------------------------------------------------------------------
+    def _rows(self, p: Tensor) -> Tensor:
+        return as_rows(p.data, self.quantizer.granularity)
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> None:
+        t = self.steps - self.warmup_steps  # QAT step index
+        if t < 0:
+            self.optimizer.step()
+        else:
+            if not self.latent:  # first QAT step: the model still holds the latent weights
+                self.latent = [p.detach().clone() for p in self.params]
+            for p, w in zip(self.params, self.latent):
+                p.copy_(w)
+            self.optimizer.step()
+            self.on_base_step()
+            refresh = t % self.config.quant_period == 0
+            for i, (p, w) in enumerate(zip(self.params, self.latent)):
+                w.copy_(p)
+                source = self.prox_input(self._rows(w))
+                if refresh:
+                    levels = estimate_levels(source, self.quantizer)
+                    if i < len(self.levels):
+                        self.levels[i] = levels
+                    else:
+                        self.levels.append(levels)
+                self._rows(p).copy_(self.prox(source, self.levels[i], t))
+        self.steps += 1
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Hard-quantize: `p <- Q[nearest(w)]` with the levels the model trained with."""
+        if not self.latent:  # QAT never started (training shorter than the warm-up)
+            self.latent = [p.detach().clone() for p in self.params]
+            self.levels = [estimate_levels(self._rows(w), self.quantizer) for w in self.latent]
+        for p, w, levels in zip(self.params, self.latent, self.levels):
+            self._rows(p).copy_(hard_quantize(self.prox_input(self._rows(w)), levels))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "latent": self.latent, "levels": self.levels}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.latent = [w.clone() for w in state["latent"]]
+        self.levels = [q.clone() for q in state["levels"]]

@@ -1,0 +1,173 @@
+"""The shared quantizer: one for every method, so that comparisons are fair.
+
+Every function works on a 2-D *row view* of a weight: one row per output channel
+for per-channel quantization (conv weights flattened to `(out, in*kh*kw)`), a
+single row for per-tensor quantization. Levels are a `(rows, m)` tensor, sorted
+along dim 1.
+
+Level sets (METHODS.md, after the PARQ reference `UnifQuantizer`, MIT):
+
+* uniform, b bits: `q_max = min(b * mean|w|, max|w|)` ("mean") or `max|w|` ("max"),
+  `s = q_max / (2^(b-1) - 1/2)`, levels `(k - (2^b - 1)/2) * s` for k = 0..2^b-1.
+  For b = 1 this is `{-q_max, +q_max}`.
+* uniform ternary: `s = max|w| / 1.5`, levels `{-s, 0, s}`.
+* LSBQ, b bits (greedy least-squares binary quantization, Pouransari et al. 2020):
+  `r = w`; for j = 1..b: `v_j = mean|r|`, `r -= v_j sign(r)` (sign(0) = +1);
+  levels `sort{+-v_1 +- ... +- v_b}`.
+* LSBQ ternary: `v = 1.1 mean|w|`, levels `{-v, 0, v}`.
+
+Hard quantization maps each weight to its nearest level,
+`Q[searchsorted(midpoints(Q), w)]` (a weight exactly on a midpoint goes down).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .errors import QatbenchError
+
+TERNARY = 0
+"""`bits == TERNARY` selects the three-level set {-s, 0, s} ("T" on the command line)."""
+
+MAX_BITS = 8
+
+
+def parse_bits(text: str) -> int:
+    """'1'..'8' -> int, 'T' / 'ternary' -> TERNARY; anything else is a one-line error."""
+    if text.strip().lower() in ("t", "ternary"):
+        return TERNARY
+    try:
+        bits = int(text)
+    except ValueError:
+        bits = None
+    if bits is None or not 1 <= bits <= MAX_BITS:
+        raise QatbenchError(f"invalid bits {text!r}; valid choices: 1..{MAX_BITS} or T (ternary)")
+    return bits
+
+
+def bits_label(bits: int | None) -> str:
+    """How a bit width is printed: '2', 'T' for ternary, 'FP' for none."""
+    if bits is None:
+        return "FP"
+    return "T" if bits == TERNARY else str(bits)
+
+
+def bits_order(bits: int | None) -> float:
+    """Sort key that puts ternary (log2 3 = 1.58 bits) between 1 and 2 bits, FP last."""
+    if bits is None:
+        return float("inf")
+    return 1.585 if bits == TERNARY else float(bits)
+
+
+def num_levels(bits: int) -> int:
+    """m: the number of quantization levels of one row."""
+    return 3 if bits == TERNARY else 2**bits
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizerConfig:
+    """Which level set, at what bit width, per row or per tensor."""
+
+    bits: int
+    scheme: Literal["uniform", "lsbq"] = "uniform"
+    granularity: Literal["channel", "tensor"] = "channel"
+    scale_method: Literal["mean", "max"] = "mean"
+
+    def __post_init__(self) -> None:
+        if self.bits != TERNARY and not 1 <= self.bits <= MAX_BITS:
+            raise QatbenchError(f"invalid bits {self.bits}; valid choices: 1..{MAX_BITS} or T (ternary)")
+
+    @property
+    def num_levels(self) -> int:
+        return num_levels(self.bits)
+
+
+def as_rows(weight: Tensor, granularity: str) -> Tensor:
+    """A 2-D view of `weight`: `(out_channels, rest)` per channel, `(1, numel)` per tensor."""
+    if granularity == "channel" and weight.dim() > 1:
+        return weight.view(weight.shape[0], -1)
+    return weight.view(1, -1)
+
+
+def uniform_levels(rows: Tensor, bits: int, scale_method: str = "mean") -> Tensor:
+    """Uniform symmetric levels, `(rows, m)`."""
+    magnitude = rows.abs()
+    abs_max = magnitude.amax(dim=1, keepdim=True)
+    if bits == TERNARY:
+        step = abs_max.clamp(min=torch.finfo(rows.dtype).tiny) / 1.5
+        grid = torch.tensor([-1.0, 0.0, 1.0], dtype=rows.dtype, device=rows.device)
+        return grid * step
+    if scale_method == "mean":
+        q_max = torch.minimum(bits * magnitude.mean(dim=1, keepdim=True), abs_max)
+    else:
+        q_max = abs_max
+    half_range = 2 ** (bits - 1) - 0.5
+    step = q_max.clamp(min=torch.finfo(rows.dtype).tiny) / half_range
+    grid = torch.arange(2**bits, dtype=rows.dtype, device=rows.device) - half_range
+    return grid * step
+
+
+def lsbq_levels(rows: Tensor, bits: int) -> Tensor:
+    """Greedy LSBQ levels, `(rows, m)`, sorted."""
+    if bits == TERNARY:
+        v = 1.1 * rows.abs().mean(dim=1, keepdim=True)
+        return torch.cat([-v, torch.zeros_like(v), v], dim=1)
+    residual = rows.clone()
+    coefficients = []
+    for _ in range(bits):
+        v = residual.abs().mean(dim=1, keepdim=True)
+        sign = torch.where(residual >= 0, 1.0, -1.0).to(rows.dtype)
+        residual -= v * sign
+        coefficients.append(v)
+    basis = torch.cat(coefficients, dim=1)  # (rows, b)
+    signs = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=bits)), dtype=rows.dtype, device=rows.device)
+    return (basis @ signs.T).sort(dim=1).values  # (rows, 2^b)
+
+
+def estimate_levels(rows: Tensor, config: QuantizerConfig) -> Tensor:
+    """The level table of `rows` under `config`."""
+    with torch.no_grad():
+        if config.scheme == "lsbq":
+            return lsbq_levels(rows, config.bits)
+        return uniform_levels(rows, config.bits, config.scale_method)
+
+
+def level_indices(rows: Tensor, levels: Tensor) -> Tensor:
+    """Integer index of the nearest level of every weight, `(rows, cols)` int64."""
+    midpoints = (levels[:, 1:] + levels[:, :-1]) / 2
+    return torch.searchsorted(midpoints.contiguous(), rows.contiguous())
+
+
+def hard_quantize(rows: Tensor, levels: Tensor) -> Tensor:
+    """Nearest level of every weight: `Q[searchsorted(midpoints(Q), w)]`."""
+    return levels.gather(1, level_indices(rows, levels))
+
+
+def distinct_per_row(rows: Tensor) -> Tensor:
+    """Number of distinct values in each row, `(rows,)`."""
+    ordered = rows.sort(dim=1).values
+    return (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1) + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorExactness:
+    """Result of the exactness check for one quantized tensor."""
+
+    name: str
+    distinct: int  # most distinct values in any row (the whole tensor if per-tensor)
+    allowed: int  # m
+
+    @property
+    def ok(self) -> bool:
+        return self.distinct <= self.allowed
+
+
+def check_exact(name: str, weight: Tensor, granularity: str, bits: int) -> TensorExactness:
+    """A tensor is quantized iff every row holds at most m distinct values."""
+    rows = as_rows(weight.detach(), granularity)
+    return TensorExactness(name, int(distinct_per_row(rows).max()), num_levels(bits))

@@ -1,0 +1,87 @@
+"""One Registry class for methods and tasks (the timm / lm-evaluation-harness pattern).
+
+A plugin module defines one class and decorates it with its public name. Built-in
+plugins are the modules of a package (`qatbench.methods`, `qatbench.tasks`),
+imported on first use; outside plugins come from an entry-point group of the same
+name or from `load_plugin_file(path)` (`--plugin FILE.py`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import importlib.util
+import pkgutil
+import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from .errors import QatbenchError, valid_choices
+
+T = TypeVar("T", bound=type)
+
+
+class Registry(Generic[T]):
+    """Name -> class, filled by `@registry.register(name)`."""
+
+    def __init__(self, kind: str, package: str) -> None:
+        self.kind = kind
+        self.package = package  # also the entry-point group
+        self._entries: dict[str, T] = {}
+        self._discovered = False
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def decorate(cls: T) -> T:
+            known = self._entries.get(name)
+            if known is not None and known is not cls:
+                raise QatbenchError(
+                    f"{self.kind} {name!r} is registered twice: "
+                    f"{known.__module__}.{known.__qualname__} and {cls.__module__}.{cls.__qualname__}"
+                )
+            cls.name = name
+            self._entries[name] = cls
+            return cls
+
+        return decorate
+
+    def get(self, name: str) -> T:
+        self._discover()
+        if name not in self._entries:
+            raise QatbenchError(f"unknown {self.kind} {name!r}; {valid_choices(name, self._entries)}")
+        return self._entries[name]
+
+    def names(self, pattern: str = "*") -> list[str]:
+        self._discover()
+        return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
+
+    def _discover(self) -> None:
+        """Import the built-in plugin modules and the entry points, once."""
+        if self._discovered:
+            return
+        self._discovered = True
+        package = importlib.import_module(self.package)
+        for module in pkgutil.iter_modules(package.__path__):
+            if not module.name.startswith("_"):
+                importlib.import_module(f"{self.package}.{module.name}")
+        for entry in entry_points(group=self.package):
+            entry.load()
+
+
+def load_plugin_file(path: str | Path) -> None:
+    """Execute a plugin file, so that its `@register` decorators run."""
+    path = Path(path)
+    if not path.is_file():
+        raise QatbenchError(f"plugin file {str(path)!r} does not exist")
+    module_name = f"qatbench_plugin_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise QatbenchError(f"plugin file {str(path)!r} is not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+
+
+METHODS: Registry = Registry("method", "qatbench.methods")
+TASKS: Registry = Registry("task", "qatbench.tasks")

@@ -1,0 +1,161 @@
+"""The Task contract: data plus a recipe.
+
+A task owns the model factory, the data, the loss, the metric, which parameters
+are quantized, and its training recipes (`smoke` for tests, `short`, and `paper`
+for the published budget). It never knows a method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .params import NoConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Optimizer, learning-rate schedule and budget of one training run."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: tuple[int, ...] = ()  # epochs at which a "step" schedule multiplies the LR by lr_decay
+    lr_decay: float = 0.1
+    warmup_epochs: float = 0.0  # linear warm-up of the LR from 0
+
+    def with_overrides(self, epochs: int | None, batch_size: int | None, lr: float | None) -> Recipe:
+        changes = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def make_optimizer(self, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        groups = [{"weight_decay": self.weight_decay, **g} for g in param_groups]
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=self.lr)
+        return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
+
+    def lr_factor(self, step: int, steps_per_epoch: int) -> float:
+        """Multiplier of the base LR after `step` optimizer steps."""
+        total = self.epochs * steps_per_epoch
+        warmup = round(self.warmup_epochs * steps_per_epoch)
+        if step < warmup:
+            return (step + 1) / warmup
+        if self.lr_schedule == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if self.lr_schedule == "step":
+            return self.lr_decay ** sum(step >= m * steps_per_epoch for m in self.milestones)
+        return 1.0
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step, steps_per_epoch))
+
+
+class TensorBatches:
+    """Mini-batches of device-resident tensors, reshuffled each pass by a seeded generator.
+
+    The whole data set lives on the run's device; a batch is an index into it, so
+    no per-sample Python work happens during training.
+    """
+
+    def __init__(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        batch_size: int,
+        shuffle: bool,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        self.inputs, self.targets = inputs, targets
+        self.batch_size = batch_size
+        self.shuffle, self.generator, self.drop_last = shuffle, generator, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.targets)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.targets)
+        device = self.targets.device
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator, device=self.generator.device).to(device)
+        else:
+            order = torch.arange(n, device=device)
+        for i in range(len(self)):
+            index = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.inputs[index], self.targets[index]
+
+
+@dataclasses.dataclass
+class TaskData:
+    """Training batches, evaluation batches and the split sizes (recorded with every run)."""
+
+    train: Iterable[tuple[Tensor, Tensor]]
+    test: Iterable[tuple[Tensor, Tensor]]
+    num_train: int
+    num_test: int
+
+
+class Task(ABC):
+    """One benchmark task. Subclasses set the class attributes and implement the factories."""
+
+    name: ClassVar[str] = ""  # set by the registry
+    Config: ClassVar[type] = NoConfig
+    metric: ClassVar[str] = "top1"
+    higher_is_better: ClassVar[bool] = True
+    recipes: ClassVar[dict[str, Recipe]] = {}
+    default_granularity: ClassVar[str] = "channel"
+    default_scheme: ClassVar[str] = "uniform"
+    #: Published numbers beside the measured ones: {"source": ..., "fp": x, "rows": {method: {bits: "mean+-std"}}}
+    reference: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A freshly initialised model (the harness seeds the RNG first)."""
+
+    @abstractmethod
+    def load_data(self, data_root: Path | None, device: torch.device, batch_size: int,
+                  generator: torch.Generator, download: bool) -> TaskData:
+        """The train and test splits, ready to iterate on `device`."""
+
+    @abstractmethod
+    def is_quantized(self, name: str, parameter: nn.Parameter) -> bool:
+        """Whether the parameter `name` is trained with QAT."""
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(output, target)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Quantized parameters in one group marked `"quant": True`, the rest in another."""
+        quantized, others = [], []
+        for name, parameter in model.named_parameters():
+            (quantized if self.is_quantized(name, parameter) else others).append(parameter)
+        return [g for g in ({"params": quantized, "quant": True}, {"params": others, "quant": False}) if g["params"]]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
+        """Top-1 accuracy in percent over the whole test split."""
+        was_training = model.training
+        model.eval()
+        correct = torch.zeros((), dtype=torch.long)
+        total = 0
+        for inputs, targets in batches:
+            correct = correct.to(targets.device) + (model(inputs).argmax(dim=1) == targets).sum()
+            total += len(targets)
+        model.train(was_training)
+        return 100.0 * correct.item() / total
