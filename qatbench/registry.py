@@ -60,13 +60,13 @@ class Registry(Generic[T]):
         """Import the built-in plugin modules and the entry points, once."""
         if self._discovered:
             return
-        self._discovered = True
         package = importlib.import_module(self.package)
         for module in pkgutil.iter_modules(package.__path__):
             if not module.name.startswith("_"):
                 importlib.import_module(f"{self.package}.{module.name}")
         for entry in entry_points(group=self.package):
             entry.load()
+        self._discovered = True
 
 
 def load_plugin_file(path: str | Path) -> None:

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from qatbench.methods.parq import parq_prox
+from qatbench.quant import hard_quantize
+from tests.methods.conftest import set_grad
+
+TWO_LEVELS = torch.tensor([[-1.0, 1.0]])
+THREE_LEVELS = torch.tensor([[-1.0, 0.0, 1.0]])
+
+
+def test_prox_by_hand_two_levels():
+    w = torch.tensor([[0.2, 0.6, -0.3, -2.0, 3.0]])
+    # interval [-1, 1], center 0, rho 0.5: p = clamp(w / 0.5, -1, 1); outside the range -> end level
+    expected = torch.tensor([[0.4, 1.0, -0.6, -1.0, 1.0]])
+    torch.testing.assert_close(parq_prox(w, TWO_LEVELS, 0.5), expected)
+
+
+def test_prox_by_hand_three_levels():
+    w = torch.tensor([[0.3, 0.9, -0.45, 0.0]])
+    # 0.3 in [0, 1]: 0.5 + (0.3 - 0.5) / 0.5 = 0.1; 0.9 -> 1.3 -> 1; -0.45 in [-1, 0]: -0.5 + 0.05 / 0.5 = -0.4
+    expected = torch.tensor([[0.1, 1.0, -0.4, 0.0]])
+    torch.testing.assert_close(parq_prox(w, THREE_LEVELS, 0.5), expected)
+
+
+def test_inverse_slope_one_is_identity_inside_the_range():
+    w = torch.tensor([[-0.99, -0.5, 0.0, 0.25, 0.99]])
+    torch.testing.assert_close(parq_prox(w, THREE_LEVELS, 1.0), w)
+    torch.testing.assert_close(parq_prox(torch.tensor([[1.5, -7.0]]), THREE_LEVELS, 1.0), torch.tensor([[1.0, -1.0]]))
+
+
+def test_inverse_slope_zero_is_hard_quantization():
+    w = torch.randn(5, 40)
+    levels = torch.sort(torch.randn(5, 4), dim=1).values
+    torch.testing.assert_close(parq_prox(w, levels, 0.0), hard_quantize(w, levels))
+
+
+def test_tiny_inverse_slope_matches_hard_quantization_off_midpoints():
+    w = torch.tensor([[0.3, 0.9, -0.45, -0.7]])
+    torch.testing.assert_close(parq_prox(w, THREE_LEVELS, 1e-9), hard_quantize(w, THREE_LEVELS))
+
+
+def test_inverse_slope_schedule_end_points(make_method):
+    method, _ = make_method("parq", [[0.1, 0.2]], anneal_start=10, anneal_end=110, steepness=10)
+    assert method.inverse_slope(0) == 1.0
+    assert method.inverse_slope(10) == pytest.approx(1.0)
+    assert method.inverse_slope(60) == pytest.approx(0.5)
+    assert method.inverse_slope(109) < 0.01
+    assert method.inverse_slope(110) == 0.0
+
+
+def test_aprox_inverse_slope_is_one_over_cumulative_lr(make_method):
+    method, p = make_method("parq", [[0.3, -0.7]], lr=0.4, slope_schedule="aprox")
+    for _ in range(5):
+        set_grad(p, [[0.0, 0.0]])
+        method.step()
+    assert method.gamma == pytest.approx(2.0)  # max(1, 5 * 0.4)
+    assert method.inverse_slope(5) == pytest.approx(0.5)
+
+
+def test_quant_shrink_quantizes_w_over_gamma(make_method):
+    method, p = make_method("parq", [[0.3, -0.7]], lr=1.0, quant_shrink=True, anneal_end=2)
+    for _ in range(4):
+        set_grad(p, [[0.0, 0.0]])
+        method.step()
+    assert method.gamma == pytest.approx(4.0)
+    torch.testing.assert_close(method.latent[0], torch.tensor([[0.3, -0.7]]))
+    torch.testing.assert_close(p.data, hard_quantize(torch.tensor([[0.3, -0.7]]) / 4.0, method.levels[0]))
+
+
+def test_after_anneal_end_the_model_is_exactly_quantized(make_method):
+    method, p = make_method("parq", torch.randn(6, 10).tolist(), bits=2, granularity="channel",
+                            total_steps=20, anneal_end=0.5)
+    for _ in range(12):
+        p.grad = torch.randn_like(p) * 0.01
+        method.step()
+    assert all(len(row.unique()) <= 4 for row in p.data)
+    assert method.diagnostics()["inv_slope"] == 0.0

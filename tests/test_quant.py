@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from qatbench.errors import QatbenchError
+from qatbench.quant import (
+    TERNARY, QuantizerConfig, as_rows, bits_label, check_exact, distinct_per_row, estimate_levels,
+    hard_quantize, level_indices, lsbq_levels, num_levels, parse_bits, uniform_levels,
+)
+
+W = torch.tensor([[1.0, -2.0, 3.0, -4.0]])  # mean|w| = 2.5, max|w| = 4
+
+
+@pytest.mark.parametrize("text, bits", [("1", 1), ("2", 2), ("8", 8), ("T", TERNARY), ("ternary", TERNARY)])
+def test_parse_bits_accepts_1_to_8_and_ternary(text, bits):
+    assert parse_bits(text) == bits
+
+
+@pytest.mark.parametrize("text", ["0", "9", "-1", "two", "", "2.5"])
+def test_parse_bits_rejects_with_valid_choices(text):
+    with pytest.raises(QatbenchError, match=r"valid choices: 1\.\.8 or T"):
+        parse_bits(text)
+
+
+def test_bits_labels_and_level_counts():
+    assert [bits_label(b) for b in (1, TERNARY, 4, None)] == ["1", "T", "4", "FP"]
+    assert [num_levels(b) for b in (1, 2, TERNARY, 4)] == [2, 4, 3, 16]
+
+
+def test_uniform_one_bit_is_plus_minus_qmax():
+    # q_max = min(1 * 2.5, 4) = 2.5
+    torch.testing.assert_close(uniform_levels(W, 1), torch.tensor([[-2.5, 2.5]]))
+
+
+def test_uniform_two_bits_mean_scale():
+    # q_max = min(2 * 2.5, 4) = 4, s = 4 / 1.5
+    s = 4 / 1.5
+    torch.testing.assert_close(uniform_levels(W, 2), torch.tensor([[-1.5 * s, -0.5 * s, 0.5 * s, 1.5 * s]]))
+
+
+def test_uniform_four_bits_max_scale():
+    s = 4 / 7.5
+    expected = (torch.arange(16.0) - 7.5) * s
+    torch.testing.assert_close(uniform_levels(W, 4, "max"), expected[None])
+
+
+def test_uniform_ternary():
+    s = 4 / 1.5
+    torch.testing.assert_close(uniform_levels(W, TERNARY), torch.tensor([[-s, 0.0, s]]))
+
+
+def test_lsbq_two_bits_greedy_residual():
+    # v1 = 2.5; residual [-1.5, 0.5, 0.5, -1.5]; v2 = 1.0; levels +-2.5 +-1
+    torch.testing.assert_close(lsbq_levels(W, 2), torch.tensor([[-3.5, -1.5, 1.5, 3.5]]))
+
+
+def test_lsbq_ternary():
+    torch.testing.assert_close(lsbq_levels(W, TERNARY), torch.tensor([[-2.75, 0.0, 2.75]]))
+
+
+def test_per_channel_levels_differ_by_row():
+    weight = torch.tensor([[1.0, -1.0], [10.0, -10.0]])
+    levels = estimate_levels(as_rows(weight, "channel"), QuantizerConfig(bits=1, granularity="channel"))
+    torch.testing.assert_close(levels, torch.tensor([[-1.0, 1.0], [-10.0, 10.0]]))
+    assert estimate_levels(as_rows(weight, "tensor"), QuantizerConfig(bits=1)).shape == (1, 2)
+
+
+def test_as_rows_flattens_conv_weights_per_output_channel():
+    conv = torch.zeros(8, 3, 3, 3)
+    assert as_rows(conv, "channel").shape == (8, 27)
+    assert as_rows(conv, "tensor").shape == (1, 216)
+
+
+def test_hard_quantize_takes_nearest_level_and_ties_go_down():
+    levels = torch.tensor([[-2.0, -1.0, 1.0, 2.0]])
+    w = torch.tensor([[0.1, -3.0, 100.0, -0.5, 0.0, 1.5]])
+    torch.testing.assert_close(hard_quantize(w, levels), torch.tensor([[1.0, -2.0, 2.0, -1.0, -1.0, 1.0]]))
+    assert level_indices(w, levels).tolist() == [[2, 0, 3, 1, 1, 2]]
+
+
+def test_distinct_per_row():
+    rows = torch.tensor([[1.0, 1.0, 2.0], [3.0, 4.0, 5.0]])
+    assert distinct_per_row(rows).tolist() == [2, 3]
+
+
+def test_exactness_passes_on_quantized_and_catches_one_extra_value():
+    weight = torch.randn(4, 6)
+    rows = as_rows(weight, "channel")
+    quantized = hard_quantize(rows, estimate_levels(rows, QuantizerConfig(bits=1))).view(4, 6)
+    assert check_exact("w", quantized, "channel", 1).ok
+    broken = quantized.clone()
+    broken[2, 3] = 0.123
+    result = check_exact("w", broken, "channel", 1)
+    assert not result.ok and result.distinct == 3 and result.allowed == 2
+
+
+def test_exactness_is_per_row_when_per_channel():
+    weight = torch.tensor([[1.0, -1.0, 1.0], [5.0, -5.0, 5.0]])  # 2 values per row, 4 in the tensor
+    assert check_exact("w", weight, "channel", 1).ok
+    assert not check_exact("w", weight, "tensor", 1).ok
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "lsbq"])
+@pytest.mark.parametrize("bits", [1, 2, TERNARY, 4])
+def test_hard_quantized_tensor_is_exact_for_every_scheme(scheme, bits):
+    weight = torch.randn(16, 32)
+    config = QuantizerConfig(bits=bits, scheme=scheme)
+    rows = as_rows(weight, "channel")
+    quantized = hard_quantize(rows, estimate_levels(rows, config))
+    assert check_exact("w", quantized, "channel", bits).ok
+
+
+def test_quantizer_config_rejects_bad_bits():
+    with pytest.raises(QatbenchError, match="invalid bits 9"):
+        QuantizerConfig(bits=9)
