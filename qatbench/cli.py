@@ -68,17 +68,25 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _method_args(method: str, given: dict[str, str], methods: list[str]) -> dict[str, str]:
+    """The `--method-arg`s that `method` takes. In a sweep over several methods each takes
+    the keys it declares; a key that no method of the sweep declares is an error."""
+    fields = {f.name for f in dataclasses.fields(METHODS.get(method).Config)}
+    declared = set().union(*({f.name for f in dataclasses.fields(METHODS.get(m).Config)} for m in methods))
+    return {k: v for k, v in given.items() if k in fields or k not in declared}
+
+
 def _specs(args: argparse.Namespace) -> list[RunSpec]:
     bits_values = [parse_bits(b) for b in args.bits] if args.bits else [None]
     method_args = parse_assignments(args.method_arg, "--method-arg")
     task_args = parse_assignments(args.task_arg, "--task-arg")
     specs = []
     for task, method, seed in itertools.product(args.task, args.method, args.seeds):
-        for bits in ([None] if not METHODS.get(method).quantizes else bits_values):
+        for bits in (bits_values if METHODS.get(method).quantizes else [None]):
             specs.append(RunSpec(
                 method=method, task=task, bits=bits, seed=seed, recipe=args.recipe,
-                method_args=method_args if METHODS.get(method).quantizes or not method_args else {},
-                task_args=task_args, scheme=args.quantizer, granularity=args.granularity, epochs=args.epochs,
+                method_args=_method_args(method, method_args, args.method), task_args=task_args,
+                scheme=args.quantizer, granularity=args.granularity, epochs=args.epochs,
                 batch_size=args.batch_size, lr=args.lr, device=args.device))
     return specs
 

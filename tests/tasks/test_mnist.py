@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from qatbench.harness import RunSpec, execute, resolve
+from qatbench.params import build_config
+from qatbench.registry import TASKS
+from tests.conftest import FASHION_MNIST_SYSTEM_DIR
+
+
+def _task(name="fashion-mnist-mlp", **options):
+    cls = TASKS.get(name)
+    return cls(build_config(cls.Config, options, name))
+
+
+def test_mlp_has_fogzo_parameter_count():
+    model = _task().build_model()
+    assert sum(p.numel() for p in model.parameters()) == 7960  # 784*10 + 10 + 10*10 + 10
+
+
+def test_hidden_width_is_a_task_option():
+    model = _task(hidden=64).build_model()
+    assert model[1].out_features == 64
+
+
+def test_every_linear_weight_is_quantized_and_biases_are_not():
+    task = _task()
+    model = task.build_model()
+    chosen = [n for n, p in model.named_parameters() if task.is_quantized(n, p)]
+    assert chosen == ["1.weight", "3.weight"]
+    groups = task.param_groups(model)
+    assert [g["quant"] for g in groups] == [True, False]
+    assert [len(g["params"]) for g in groups] == [2, 2]
+
+
+def test_loader_reads_idx_files_onto_the_device(idx_root, isolated_data_env):
+    task = _task()
+    data = task.load_data(idx_root, torch.device("cpu"), 64, torch.Generator().manual_seed(0), download=False)
+    assert (data.num_train, data.num_test) == (512, 256)
+    batches = list(data.train)
+    assert len(batches) == 8 and batches[0][0].shape == (64, 784) and batches[0][1].dtype == torch.long
+    # standardized with the training split's own statistics
+    full = torch.cat([x for x, _ in batches])
+    assert abs(full.mean().item()) < 1e-4 and abs(full.std().item() - 1) < 1e-3
+    assert sum(len(y) for _, y in data.test) == 256
+
+
+def test_shuffling_is_deterministic_under_a_seed(idx_root, isolated_data_env):
+    task = _task()
+    def first_labels(seed):
+        data = task.load_data(idx_root, torch.device("cpu"), 64, torch.Generator().manual_seed(seed), download=False)
+        return next(iter(data.train))[1]
+    assert torch.equal(first_labels(3), first_labels(3))
+    assert not torch.equal(first_labels(3), first_labels(4))
+
+
+@pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist_from_the_debian_package(isolated_data_env):
+    data = _task().load_data(None, torch.device("cpu"), 128, torch.Generator().manual_seed(0), download=False)
+    assert (data.num_train, data.num_test) == (60000, 10000)
+    labels = torch.cat([y for _, y in data.test])
+    assert torch.bincount(labels).tolist() == [1000] * 10
+
+
+@pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.parametrize("method", ["fp", "ste", "binaryrelax", "parq"])
+def test_every_method_reduces_the_loss_on_real_fashion_mnist(method, isolated_data_env):
+    spec = RunSpec(method=method, task="fashion-mnist-mlp", bits=None if method == "fp" else 2, recipe="smoke",
+                   epochs=2, method_args={"anneal_end": "0.5"} if method in ("binaryrelax", "parq") else {})
+    record = execute(resolve(spec), download=False, log=lambda line: None)
+    assert record.status == "ok"
+    losses = [h["train_loss"] for h in record.history]
+    assert losses[-1] < losses[0] < 2.3  # below the first epoch's mean, itself below chance (ln 10)
+    assert record.metric > 70.0  # chance is 10 %
+    if method != "fp":
+        assert record.exactness["passed"] is True

@@ -1,0 +1,67 @@
+import gzip
+
+import pytest
+import torch
+
+from qatbench.data import candidate_roots, locate, read_idx
+from qatbench.errors import QatbenchError
+from tests.conftest import write_idx
+
+FILES = ["train-images-idx3-ubyte"]
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.float32])
+def test_read_idx_round_trips_plain_and_gzipped(tmp_path, compress, dtype):
+    tensor = (torch.arange(2 * 3 * 4) - 5).reshape(2, 3, 4).to(dtype) if dtype != torch.uint8 else \
+        torch.arange(24, dtype=torch.uint8).reshape(2, 3, 4)
+    path = write_idx(tmp_path / "x-idx3-ubyte", tensor, compress)
+    assert torch.equal(read_idx(path), tensor)
+    assert torch.equal(read_idx(tmp_path / "x-idx3-ubyte"), tensor)  # finds the .gz by itself
+
+
+def test_gzip_is_detected_by_content_not_name(tmp_path):
+    path = write_idx(tmp_path / "y", torch.zeros(3, dtype=torch.uint8), compress=True)
+    renamed = tmp_path / "plain-name"
+    renamed.write_bytes(path.read_bytes())
+    assert read_idx(renamed).tolist() == [0, 0, 0]
+
+
+def test_bad_magic_and_truncated_files_are_clear_errors(tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"PK\x03\x04junk")
+    with pytest.raises(QatbenchError, match="not an IDX file"):
+        read_idx(bad)
+    truncated = tmp_path / "short"
+    truncated.write_bytes(gzip.decompress(write_idx(tmp_path / "full", torch.zeros(10, dtype=torch.uint8), True).read_bytes())[:-3])
+    with pytest.raises(QatbenchError, match="IDX header says shape"):
+        read_idx(truncated)
+
+
+def test_resolution_order_data_root_then_env_then_cache_then_system(monkeypatch, tmp_path):
+    monkeypatch.setenv("QATBENCH_DATA", str(tmp_path / "env"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    roots = candidate_roots(tmp_path / "given")
+    assert roots == [tmp_path / "given", tmp_path / "env", tmp_path / "home/.cache/qatbench",
+                     candidate_roots(None)[-1]]
+    assert str(roots[-1]) == "/usr/share/datasets"
+
+
+def test_locate_finds_files_in_a_subfolder_of_a_root(tmp_path, isolated_data_env):
+    folder = tmp_path / "root" / "fashion-mnist"
+    folder.mkdir(parents=True)
+    write_idx(folder / FILES[0], torch.zeros(1, dtype=torch.uint8), compress=True)
+    assert locate("X", FILES, ["fashion-mnist"], tmp_path / "root", "get it") == folder
+
+
+def test_locate_names_every_place_looked_and_how_to_get_the_data(tmp_path, isolated_data_env):
+    def offline(target):
+        raise OSError("network unreachable")
+
+    with pytest.raises(QatbenchError) as err:
+        locate("Some-Data", FILES, ["some"], tmp_path / "nowhere", "Install it like so.", download=offline)
+    message = str(err.value)
+    assert str(tmp_path / "nowhere") in message and str(tmp_path / "nowhere" / "some") in message
+    assert ".cache/qatbench" in message and "/usr/share/datasets" in message
+    assert "download into" in message and "network unreachable" in message
+    assert message.endswith("Install it like so.") and "\n" not in message

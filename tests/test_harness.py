@@ -1,0 +1,146 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from qatbench.errors import QatbenchError
+from qatbench.harness import RunSpec, execute, resolve, run_all
+from qatbench.registry import METHODS
+from qatbench.results import read_record
+
+
+def _run(method="parq", bits=2, **overrides):
+    spec = RunSpec(method=method, task="mnist-mlp", bits=bits, **{"recipe": "smoke", **overrides})
+    return resolve(spec)
+
+
+def _quiet(line):
+    pass
+
+
+def test_record_holds_metric_timings_memory_exactness_and_provenance(idx_root, isolated_data_env):
+    record = execute(_run(), data_root=idx_root, download=False, log=_quiet, command="qatbench run ...")
+    assert record.status == "ok" and record.message is None
+    assert 0 <= record.metric <= 100 and record.best_epoch_metric is not None
+    assert (record.num_train, record.num_test) == (512, 256)
+    assert record.exactness["passed"] is True
+    assert record.exactness["tensors"]["1.weight"] == {"distinct": 4, "allowed": 4}
+    timing = record.timing
+    assert timing["steady_steps"] == 4 - timing["warmup_steps"] and timing["steady_step_ms"] > 0
+    assert {"warmup_s", "eval_s", "train_s", "total_s"} <= set(timing)
+    assert record.memory["peak_rss_mb"] > 0
+    assert record.environment["torch"] == torch.__version__ and record.command == "qatbench run ..."
+    assert record.history[0]["epoch"] == 1 and "inv_slope" in record.history[0]
+
+
+def test_identity_changes_with_anything_that_changes_the_run():
+    base = _run().run_id
+    assert _run().run_id == base
+    assert _run(seed=1).run_id != base
+    assert _run(epochs=3).run_id != base
+    assert _run(method_args={"anneal_end": "0.5"}).run_id != base
+    assert _run(granularity="tensor").run_id != base
+    assert _run(bits=4).run_id != base
+
+
+def test_full_precision_ignores_bits_and_skips_the_exactness_check(idx_root, isolated_data_env):
+    record = execute(_run("fp", None), data_root=idx_root, download=False, log=_quiet)
+    assert record.status == "ok" and record.bits is None
+    assert record.exactness == {"passed": None, "reason": "full-precision method"}
+
+
+def test_quantizing_method_needs_bits():
+    with pytest.raises(QatbenchError, match="give --bits"):
+        _run(bits=None)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("granularity", "row", "unknown granularity 'row'"),
+    ("scheme", "lsqb", "did you mean 'lsbq'"),
+    ("recipe", "papr", "did you mean 'paper'"),
+    ("epochs", 0, "--epochs 0 must be >= 1"),
+    ("lr", -1.0, "--lr -1.0 must be a positive number"),
+    ("device", "tpu", "invalid device 'tpu'"),
+])
+def test_bad_spec_fields_are_one_line_errors(field, value, message):
+    with pytest.raises(QatbenchError, match=message):
+        _run(**{field: value})
+
+
+class _Explodes(METHODS.get("ste")):
+    def step(self, closure=None):
+        if self.steps == 2:
+            raise RuntimeError("boom")
+        super().step(closure)
+
+
+class _Diverges(METHODS.get("ste")):
+    def step(self, closure=None):
+        super().step(closure)
+        self.params[0].data.fill_(float("nan"))
+
+
+class _Interrupted(METHODS.get("ste")):
+    def step(self, closure=None):
+        raise KeyboardInterrupt
+
+
+def test_a_crash_is_recorded_with_its_status_and_the_sweep_goes_on(idx_root, isolated_data_env, tmp_path):
+    runs = [dataclasses.replace(_run(seed=0), method_cls=_Explodes), _run(seed=1)]
+    records = run_all(runs, tmp_path / "out", idx_root, download=False, log=_quiet)
+    assert [r.status for r in records] == ["error", "ok"]
+    assert records[0].message == "RuntimeError: boom"
+    assert len(list((tmp_path / "out").rglob("*.json"))) == 2
+
+
+def test_nan_loss_is_recorded_as_diverged(idx_root, isolated_data_env):
+    record = execute(dataclasses.replace(_run(), method_cls=_Diverges), data_root=idx_root, download=False, log=_quiet)
+    assert record.status == "diverged" and "non-finite" in record.message and record.metric is None
+
+
+def test_ctrl_c_keeps_finished_records_and_records_the_interrupted_run(idx_root, isolated_data_env, tmp_path):
+    runs = [_run(seed=0), dataclasses.replace(_run(seed=1), method_cls=_Interrupted), _run(seed=2)]
+    with pytest.raises(KeyboardInterrupt):
+        run_all(runs, tmp_path / "out", idx_root, download=False, log=_quiet)
+    statuses = sorted(read_record(p).status for p in (tmp_path / "out").rglob("*.json"))
+    assert statuses == ["interrupted", "ok"]
+
+
+def test_existing_finished_records_are_skipped_unless_forced(idx_root, isolated_data_env, tmp_path):
+    out = tmp_path / "out"
+    first = run_all([_run()], out, idx_root, download=False, log=_quiet)[0]
+    lines = []
+    again = run_all([_run()], out, idx_root, download=False, log=lines.append)[0]
+    assert again.created == first.created and "skipped" in lines[0]
+    forced = run_all([_run()], out, idx_root, download=False, force=True, log=_quiet)[0]
+    assert forced.timing["total_s"] != first.timing["total_s"]
+
+
+def test_unfinished_records_are_rerun(idx_root, isolated_data_env, tmp_path):
+    out = tmp_path / "out"
+    run_all([dataclasses.replace(_run("ste"), method_cls=_Explodes)], out, idx_root, download=False, log=_quiet)
+    rerun = run_all([_run("ste")], out, idx_root, download=False, log=_quiet)[0]
+    assert rerun.status == "ok"
+    [path] = out.rglob("*.json")
+    assert json.loads(path.read_text())["status"] == "ok"
+
+
+def test_same_seed_gives_the_same_result(idx_root, isolated_data_env):
+    a = execute(_run(), data_root=idx_root, download=False, log=_quiet)
+    b = execute(_run(), data_root=idx_root, download=False, log=_quiet)
+    assert a.metric == b.metric and a.history[0]["train_loss"] == b.history[0]["train_loss"]
+
+
+def test_missing_data_raises_the_one_line_error(tmp_path, isolated_data_env, monkeypatch):
+    monkeypatch.setattr("qatbench.data.SYSTEM_DATA_DIR", tmp_path / "system")
+    with pytest.raises(QatbenchError, match="MNIST not found"):
+        execute(_run(), data_root=tmp_path / "empty", download=False, log=_quiet)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_records_peak_gpu_memory(idx_root, isolated_data_env):
+    record = execute(_run(device="cuda"), data_root=idx_root, download=False, log=_quiet)
+    assert record.status == "ok" and record.exactness["passed"] is True
+    assert record.memory["peak_allocated_mb"] > 0 and record.memory["peak_reserved_mb"] >= record.memory["peak_allocated_mb"]
+    assert record.environment["cuda"] is not None

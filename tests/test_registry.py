@@ -1,0 +1,54 @@
+import pytest
+
+from qatbench.errors import QatbenchError
+from qatbench.registry import METHODS, TASKS, Registry, load_plugin_file
+
+
+def test_builtin_methods_and_tasks_are_discovered():
+    assert {"fp", "ste", "binaryrelax", "parq"} <= set(METHODS.names())
+    assert {"mnist-mlp", "fashion-mnist-mlp"} <= set(TASKS.names())
+
+
+def test_names_filter_by_glob():
+    assert TASKS.names("*mnist*") == ["fashion-mnist-mlp", "mnist-mlp"]
+
+
+def test_unknown_name_suggests_close_matches_and_lists_all():
+    with pytest.raises(QatbenchError) as err:
+        METHODS.get("prq")
+    message = str(err.value)
+    assert "unknown method 'prq'" in message and "did you mean 'parq'" in message
+    assert all(name in message for name in ("binaryrelax", "fp", "parq", "ste"))
+    assert "\n" not in message
+
+
+def test_register_sets_the_name_and_rejects_a_second_class_under_one_name():
+    registry = Registry("thing", "qatbench.methods")
+
+    @registry.register("a")
+    class A:
+        pass
+
+    assert A.name == "a"
+    with pytest.raises(QatbenchError, match="registered twice"):
+        @registry.register("a")
+        class B:
+            pass
+
+
+def test_plugin_file_registers_a_method(tmp_path):
+    plugin = tmp_path / "my_method.py"
+    plugin.write_text(
+        "from qatbench.registry import METHODS\n"
+        "from qatbench.methods.ste import STE\n"
+        "@METHODS.register('my-ste')\n"
+        "class MySTE(STE):\n"
+        "    '''A plugin.'''\n"
+    )
+    load_plugin_file(plugin)
+    assert METHODS.get("my-ste").__name__ == "MySTE"
+
+
+def test_missing_plugin_file_is_a_one_line_error(tmp_path):
+    with pytest.raises(QatbenchError, match="does not exist"):
+        load_plugin_file(tmp_path / "nope.py")
