@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import QatbenchError, check_choice
+from .diagnostics import TransitionMonitor
 from .method import Method
 from .params import build_config
 from .quant import QuantizerConfig, bits_label, check_exact
@@ -28,6 +29,7 @@ from .system import PeakMemory, environment
 from .task import Recipe, Task
 
 Log = Callable[[str], None]
+FP_DIAGNOSTIC_BITS = 2  # levels a full-precision run's transition diagnostics are measured against
 TIMING_WARMUP_STEPS = 10  # steps excluded from the steady-state step time (allocator, caches, compile)
 
 
@@ -59,14 +61,18 @@ class ResolvedRun:
     method_config: Any
     task: Task
     recipe: Recipe
-    quantizer: QuantizerConfig | None
+    quantizer: QuantizerConfig  # for a full-precision method: the levels of its diagnostics only
     device: torch.device
     identity: dict[str, Any]
     run_id: str
 
     @property
+    def bits(self) -> int | None:
+        return self.quantizer.bits if self.method_cls.quantizes else None
+
+    @property
     def bits_text(self) -> str:
-        return bits_label(self.quantizer.bits if self.quantizer else None)
+        return bits_label(self.bits)
 
     @property
     def label(self) -> str:
@@ -98,13 +104,12 @@ def resolve(spec: RunSpec) -> ResolvedRun:
     if spec.lr is not None and not (spec.lr > 0 and math.isfinite(spec.lr)):
         raise QatbenchError(f"--lr {spec.lr} must be a positive number")
     recipe = task.recipes[spec.recipe].with_overrides(spec.epochs, spec.batch_size, spec.lr)
-    quantizer = None
-    if method_cls.quantizes:
-        if spec.bits is None:
-            raise QatbenchError(f"method {spec.method!r} quantizes: give --bits (1..8 or T)")
-        scheme = check_choice("quantizer scheme", spec.scheme or task.default_scheme, ("uniform", "lsbq"))
-        granularity = check_choice("granularity", spec.granularity or task.default_granularity, ("channel", "tensor"))
-        quantizer = QuantizerConfig(bits=spec.bits, scheme=scheme, granularity=granularity)
+    if method_cls.quantizes and spec.bits is None:
+        raise QatbenchError(f"method {spec.method!r} quantizes: give --bits (1..8 or T)")
+    scheme = check_choice("quantizer scheme", spec.scheme or task.default_scheme, ("uniform", "lsbq"))
+    granularity = check_choice("granularity", spec.granularity or task.default_granularity, ("channel", "tensor"))
+    bits = spec.bits if method_cls.quantizes else FP_DIAGNOSTIC_BITS
+    quantizer = QuantizerConfig(bits=bits, scheme=scheme, granularity=granularity)
     device = resolve_device(spec.device)
     identity = {
         "method": method_cls.name,
@@ -113,7 +118,7 @@ def resolve(spec: RunSpec) -> ResolvedRun:
         "task_config": dataclasses.asdict(task.config),
         "recipe": spec.recipe,
         "recipe_config": dataclasses.asdict(recipe),
-        "quantizer": dataclasses.asdict(quantizer) if quantizer else None,
+        "quantizer": dataclasses.asdict(quantizer),
         "seed": spec.seed,
         "device_type": device.type,
     }
@@ -144,6 +149,7 @@ def _train(run: ResolvedRun, record: RunRecord, data_root: Path | None, download
     total_steps = recipe.epochs * steps_per_epoch
     scheduler = recipe.make_scheduler(optimizer, steps_per_epoch)
     method = run.method_cls(run.method_config, optimizer, run.quantizer, total_steps, method_generator)
+    monitor = TransitionMonitor(method)
 
     timing = {"warmup_steps": min(TIMING_WARMUP_STEPS, total_steps // 2), "steady_train_s": 0.0, "eval_s": 0.0}
     steady_steps = 0
@@ -167,6 +173,7 @@ def _train(run: ResolvedRun, record: RunRecord, data_root: Path | None, download
                     return task.loss(model(inputs), targets)
 
             method.step(closure)
+            monitor.after_step()
             method.zero_grad()
             scheduler.step()
             loss_sum += loss.detach()
@@ -180,7 +187,7 @@ def _train(run: ResolvedRun, record: RunRecord, data_root: Path | None, download
         timing["eval_s"] += time.perf_counter() - eval_start
         record.epochs_completed = epoch + 1
         record.history.append({"epoch": epoch + 1, "train_loss": mean_loss, task.metric: metric,
-                               "lr": scheduler.get_last_lr()[0], **method.diagnostics()})
+                               "lr": scheduler.get_last_lr()[0], **method.diagnostics(), **monitor.epoch_summary()})
         log(f"[{run.label}] epoch {epoch + 1}/{recipe.epochs} loss {mean_loss:.4f} {task.metric} {metric:.2f} "
             f"({time.perf_counter() - start:.1f}s)")
         if not math.isfinite(mean_loss):
@@ -198,7 +205,7 @@ def _train(run: ResolvedRun, record: RunRecord, data_root: Path | None, download
         return
     method.finalize()
     quantized = [(n, p) for n, p in model.named_parameters() if task.is_quantized(n, p)]
-    if run.quantizer is None:
+    if not run.method_cls.quantizes:
         record.exactness = {"passed": None, "reason": "full-precision method"}
     else:
         checks = [check_exact(n, p, run.quantizer.granularity, run.quantizer.bits) for n, p in quantized]
@@ -219,7 +226,7 @@ def execute(run: ResolvedRun, data_root: Path | None = None, download: bool = Tr
     """One run. Training failures become a record status; user errors (bad data path) raise."""
     record = RunRecord(
         run_id=run.run_id, spec=run.identity, method=run.method_cls.name, task=run.task.name,
-        bits=run.quantizer.bits if run.quantizer else None, seed=run.spec.seed, status="error",
+        bits=run.bits, seed=run.spec.seed, status="error",
         metric_name=run.task.metric, higher_is_better=run.task.higher_is_better,
         reference_fp=run.task.reference.get("fp"), environment=environment(run.device), command=command,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -41,6 +41,7 @@ def records_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
             "peak_mb": memory.get("peak_allocated_mb", memory.get("peak_rss_mb")),
             "memory_kind": "GPU allocated" if "peak_allocated_mb" in memory else "peak RSS",
             "exact": (r.exactness or {}).get("passed"),
+            "transition_rate": (r.history[-1].get("transition_rate") if r.history else None),
             "setting": (f"recipe {spec.get('recipe')}: {recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}, "
                         f"lr {recipe.get('lr')}, {recipe.get('optimizer')}, {spec.get('device_type')}"),
             "quantizer": quantizer,
@@ -122,7 +123,9 @@ def section_tables(frame: pd.DataFrame) -> str:
         ratio = f"{step / fp_step:.2f}x" if fp_step else "n/a"
         exact = g["exact"]
         exact_text = "n/a (FP)" if exact.isna().all() else f"{int((exact == True).sum())}/{len(g)}"  # noqa: E712
-        cost_rows.append([r, b, f"{step:.3f}", ratio, f"{g['peak_mb'].max():.0f}", exact_text])
+        rate = g["transition_rate"].astype(float).mean()
+        rate_text = "" if pd.isna(rate) else f"{rate:.2e}"
+        cost_rows.append([r, b, f"{step:.3f}", ratio, f"{g['peak_mb'].max():.0f}", exact_text, rate_text])
 
     direction = "higher is better" if higher else "lower is better"
     out = [
@@ -133,8 +136,9 @@ def section_tables(frame: pd.DataFrame) -> str:
         _table(["method", *bits_cols], delta_rows),
         f"\nCost: median steady-state time per training step (forward + backward + method step), its ratio to the "
         f"fp step of the same setting, peak memory ({frame['memory_kind'].iloc[0]}, max over seeds) and runs "
-        "whose final weights passed the exactness check:\n",
-        _table(["method", "bits", "ms/step", "vs fp", "peak MB", "exact"], cost_rows),
+        "whose final weights passed the exactness check; last-epoch transition rate (fraction of quantized "
+        "weights changing level per step, mean over seeds; fp: against 2-bit levels):\n",
+        _table(["method", "bits", "ms/step", "vs fp", "peak MB", "exact", "transitions"], cost_rows),
     ]
     return "\n".join(out)
 

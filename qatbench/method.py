@@ -65,6 +65,10 @@ class Method(ABC):
         """Scalars worth logging once per epoch (schedule values and the like)."""
         return {}
 
+    def quantization_state(self) -> list[tuple[Tensor, Tensor]]:
+        """(latent weight rows, levels) of every quantized tensor, for the transition diagnostics."""
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "steps": self.steps}
 
@@ -117,6 +121,18 @@ class ProxMethod(Method):
     def on_base_step(self) -> None:
         """Hook after each base-optimizer step of QAT (PARQ accumulates its learning rate)."""
 
+    def estimate_gradients(self, closure: Closure | None) -> None:
+        """Hook at the start of a QAT step, while the model holds `prox(w)` and `.grad` the
+        gradient taken there: a method may replace `.grad` (FOGZO's zeroth-order estimate)."""
+
+    def base_step(self) -> None:
+        """The base optimizer's update of the latent weights (TALR rescales it per tensor)."""
+        self.optimizer.step()
+
+    def refresh_due(self, t: int) -> bool:
+        """Whether to re-estimate the levels at QAT step t (TALR freezes them after the first)."""
+        return t % self.config.quant_period == 0
+
     # -- the step ----------------------------------------------------------------------
     def _rows(self, p: Tensor) -> Tensor:
         return as_rows(p.data, self.quantizer.granularity)
@@ -129,11 +145,13 @@ class ProxMethod(Method):
         else:
             if not self.latent:  # first QAT step: the model still holds the latent weights
                 self.latent = [p.detach().clone() for p in self.params]
+            else:
+                self.estimate_gradients(closure)
             for p, w in zip(self.params, self.latent):
                 p.copy_(w)
-            self.optimizer.step()
+            self.base_step()
             self.on_base_step()
-            refresh = t % self.config.quant_period == 0
+            refresh = self.refresh_due(t)
             for i, (p, w) in enumerate(zip(self.params, self.latent)):
                 w.copy_(p)
                 source = self.prox_input(self._rows(w))
@@ -154,6 +172,9 @@ class ProxMethod(Method):
             self.levels = [estimate_levels(self._rows(w), self.quantizer) for w in self.latent]
         for p, w, levels in zip(self.params, self.latent, self.levels):
             self._rows(p).copy_(hard_quantize(self.prox_input(self._rows(w)), levels))
+
+    def quantization_state(self) -> list[tuple[Tensor, Tensor]]:
+        return [(self.prox_input(self._rows(w)), q) for w, q in zip(self.latent, self.levels)]
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "latent": self.latent, "levels": self.levels}

@@ -73,3 +73,28 @@ def test_every_method_reduces_the_loss_on_real_fashion_mnist(method, isolated_da
     assert record.metric > 70.0  # chance is 10 %
     if method != "fp":
         assert record.exactness["passed"] is True
+
+
+@pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.parametrize("method", ["fogzo", "nspsa", "talr"])
+def test_zeroth_order_and_talr_methods_train_through_the_cli(method, isolated_data_env, tmp_path, capsys):
+    from qatbench.cli import main
+    from qatbench.results import load_records
+
+    out = tmp_path / "runs"
+    # plain n-SPSA diverges at the recipe's LR (its 1-sample estimate has variance ~ d |grad|^2)
+    lr = ["--lr", "0.0002"] if method == "nspsa" else []
+    assert main(["run", "--method", method, "--task", "fashion-mnist-mlp", "--bits", "2", "--recipe", "smoke",
+                 "--epochs", "2", "--no-download", "--out", str(out), *lr]) == 0
+    [record] = load_records([out])
+    assert record.status == "ok" and record.exactness["passed"] is True
+    losses = [h["train_loss"] for h in record.history]
+    assert losses[-1] < losses[0] < 2.3
+    assert all(0 <= h["transition_rate"] <= 1 and h["distance_to_levels"] >= 0 for h in record.history)
+
+
+@pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_full_precision_records_transition_diagnostics_too(isolated_data_env):
+    record = execute(resolve(RunSpec(method="fp", task="fashion-mnist-mlp", bits=None, recipe="smoke")),
+                     download=False, log=lambda line: None)
+    assert 0 < record.history[0]["transition_rate"] < 1 and record.history[0]["distance_to_levels"] > 0

@@ -1,0 +1,125 @@
+"""TALR: transition-rate scheduling of the latent updates of quantized weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from qatbench.method import Closure, ProxConfig
+from qatbench.methods.ste import STE
+from qatbench.params import param
+from qatbench.quant import level_indices
+from qatbench.registry import METHODS
+
+
+@dataclasses.dataclass(frozen=True)
+class TALRConfig(ProxConfig):
+    target_rate: float = param(5e-3, "R_0: target transition rate at the start of QAT (paper: about 4e-3..6e-3 x sqrt(bits))")
+    target_schedule: Literal["cosine", "constant"] = param("cosine", "R_t: cosine from R_0 to 0, or constant R_0")
+    rule: Literal["paper", "momentum"] = param(
+        "paper", "paper: U += eta (R - K), U >= 0; momentum (public code): s = m s + (1-m) s R/K, U = U_0 s")
+    momentum: float = param(0.99, "m: running-average factor of the transition rate (and of s)")
+    initial_lr: float = param(0.0, "U_0; 0 takes the quantized group's initial learning rate")
+    eta: float = param(0.0, "step of U in the paper rule; 0 takes U_0")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
+        if self.target_rate <= 0:
+            raise ValueError(f"target_rate={self.target_rate} must be > 0")
+
+
+@METHODS.register("talr")
+class TALR(STE):
+    """TALR (Lee et al., "Transition Rate Scheduling for Quantization-Aware Training", ICCV 2025,
+    arXiv 2404.19248), on hard-quantized weights `p = hardquant(w)` as in STE.
+
+    Per quantized tensor l, with `d_t` the integer level indices of `hardquant(w_t)` (levels
+    estimated once when QAT starts and then frozen, so a moving scale causes no transition):
+    transition rate `k_t = mean(d_t != d_{t-1})`, running rate `K_t = m K_{t-1} + (1-m) k_t`
+    (`K_0 = R_0`), target `R_t` (cosine from `R_0` to 0 over QAT, or constant), and step size
+    `U_t = max(0, U_{t-1} + eta (R_t - K_t))` (paper rule, `eta = U_0` by default) or
+    `s_t = m s_{t-1} + (1-m) s_{t-1} R_t / K_t`, `U_t = U_0 s_t`, `s_0 = 1` (public-code rule).
+    The latent update is `w <- w + U_{t-1} * delta`, `delta` the base optimizer's own update at
+    learning rate 1 (SGD: `-momentum_buffer`; AdamW: `-m/(sqrt(v)+eps) - wd w`), so `U` replaces
+    the learning rate of quantized tensors only; the other groups keep the LR schedule.
+    """
+
+    Config = TALRConfig
+
+    def __init__(self, config: TALRConfig, optimizer, quantizer, total_steps, generator) -> None:
+        super().__init__(config, optimizer, quantizer, total_steps, generator)
+        self.qat_steps = max(1, total_steps - self.warmup_steps)
+        group = next(g for g in optimizer.param_groups if g.get("quant"))
+        self.initial_lr = config.initial_lr or group.get("initial_lr", group["lr"])
+        self.eta = config.eta or self.initial_lr
+        device = self.params[0].device if self.params else torch.device("cpu")
+        count = len(self.params)
+        self.step_size = torch.full((count,), float(self.initial_lr), device=device)  # U_l
+        self.running_rate = torch.full((count,), config.target_rate, device=device)  # K_l
+        self.scale = torch.ones(count, device=device)  # s_l (momentum rule)
+        self.previous_indices: list[Tensor] = []
+        self.target = config.target_rate
+
+    def target_rate(self, t: int) -> float:
+        """R_t at QAT step t."""
+        if self.config.target_schedule == "constant":
+            return self.config.target_rate
+        return self.config.target_rate * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t / self.qat_steps)))
+
+    def refresh_due(self, t: int) -> bool:
+        return t == 0  # scales frozen while TALR runs
+
+    def base_step(self) -> None:
+        """Run the base optimizer at LR 1 on the quantized groups, then scale each tensor's update by U_l."""
+        quant_groups = [g for g in self.optimizer.param_groups if g.get("quant")]
+        scheduled = [g["lr"] for g in quant_groups]
+        for g in quant_groups:
+            g["lr"] = 1.0
+        self.optimizer.step()
+        for g, lr in zip(quant_groups, scheduled):
+            g["lr"] = lr
+        for i, (p, w) in enumerate(zip(self.params, self.latent)):
+            p.sub_(w).mul_(self.step_size[i]).add_(w)  # p = w + U_l (p_lr1 - w)
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> None:
+        super().step(closure)
+        t = self.steps - 1 - self.warmup_steps
+        if t < 0:
+            return
+        indices = [level_indices(self._rows(w), q) for w, q in zip(self.latent, self.levels)]
+        if self.previous_indices:
+            rate = torch.stack([(d != d_prev).float().mean() for d, d_prev in zip(indices, self.previous_indices)])
+            self.update(rate, self.target_rate(t))
+        self.previous_indices = indices
+
+    def update(self, rate: Tensor, target: float) -> None:
+        """One update of K and U from the measured transition rates `rate` (one per tensor)."""
+        m = self.config.momentum
+        self.target = target
+        self.running_rate.mul_(m).add_(rate, alpha=1 - m)
+        if self.config.rule == "paper":
+            self.step_size.add_(self.eta * (target - self.running_rate)).clamp_(min=0.0)
+        else:
+            ratio = target / self.running_rate.clamp(min=torch.finfo(self.running_rate.dtype).tiny)
+            self.scale.mul_(m + (1 - m) * ratio)
+            self.step_size.copy_(self.initial_lr * self.scale)
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"talr_step_size": self.step_size.mean().item(), "talr_running_rate": self.running_rate.mean().item(),
+                "talr_target_rate": self.target}
+
+    def state_dict(self):
+        return {**super().state_dict(), "step_size": self.step_size, "running_rate": self.running_rate,
+                "scale": self.scale, "previous_indices": self.previous_indices}
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self.step_size, self.running_rate = state["step_size"].clone(), state["running_rate"].clone()
+        self.scale, self.previous_indices = state["scale"].clone(), [d.clone() for d in state["previous_indices"]]

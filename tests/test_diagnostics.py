@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from qatbench.diagnostics import TransitionMonitor
+
+LEVELS = torch.tensor([[-1.0, 1.0]])
+
+
+class _Stub:
+    """A method whose latent weights the test sets directly."""
+
+    def __init__(self):
+        self.rows = torch.tensor([[-0.5, -0.2, 0.3, 0.9]])
+
+    def quantization_state(self):
+        return [(self.rows, LEVELS)]
+
+
+def test_rate_is_the_mean_fraction_of_weights_changing_level_per_step():
+    method = _Stub()
+    monitor = TransitionMonitor(method)
+    monitor.after_step()  # indices [0, 0, 1, 1]
+    method.rows = torch.tensor([[-0.5, 0.2, 0.3, 0.9]])
+    monitor.after_step()  # one of four changed
+    method.rows = torch.tensor([[0.5, -0.2, -0.3, 0.9]])
+    monitor.after_step()  # three of four changed
+    summary = monitor.epoch_summary()
+    assert summary["transition_rate"] == pytest.approx((1 + 3) / (2 * 4))
+    # distances to the nearest of +-1: 0.5, 0.8, 0.7, 0.1
+    assert summary["distance_to_levels"] == pytest.approx((0.5 + 0.8 + 0.7 + 0.1) / 4)
+    monitor.after_step()
+    assert monitor.epoch_summary()["transition_rate"] == 0.0  # the count restarts each epoch
+
+
+def test_no_quantization_state_means_no_diagnostics():
+    class Empty:
+        def quantization_state(self):
+            return []
+
+    monitor = TransitionMonitor(Empty())
+    monitor.after_step()
+    assert monitor.epoch_summary() == {}
