@@ -12,13 +12,14 @@ from torch import Tensor
 from qatbench.method import Closure, ProxConfig
 from qatbench.methods.ste import STE
 from qatbench.params import param
-from qatbench.quant import level_indices
+from qatbench.quant import TERNARY, level_indices
 from qatbench.registry import METHODS
 
 
 @dataclasses.dataclass(frozen=True)
 class TALRConfig(ProxConfig):
-    target_rate: float = param(5e-3, "R_0: target transition rate at the start of QAT (paper: about 4e-3..6e-3 x sqrt(bits))")
+    rate_scale: float = param(4e-3, "lambda: R_0 = lambda sqrt(b) (paper: lambda 4e-3..6e-3; ternary b = log2 3)")
+    target_rate: float = param(0.0, "R_0 itself when > 0, overriding lambda sqrt(b)")
     target_schedule: Literal["cosine", "constant"] = param("cosine", "R_t: cosine from R_0 to 0, or constant R_0")
     rule: Literal["paper", "momentum"] = param(
         "paper", "paper: U += eta (R - K), U >= 0; momentum (public code): s = m s + (1-m) s R/K, U = U_0 s")
@@ -30,8 +31,8 @@ class TALRConfig(ProxConfig):
         super().__post_init__()
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
-        if self.target_rate <= 0:
-            raise ValueError(f"target_rate={self.target_rate} must be > 0")
+        if self.target_rate < 0 or self.rate_scale <= 0:
+            raise ValueError(f"target_rate={self.target_rate} must be >= 0 and rate_scale={self.rate_scale} > 0")
 
 
 @METHODS.register("talr")
@@ -42,7 +43,7 @@ class TALR(STE):
     Per quantized tensor l, with `d_t` the integer level indices of `hardquant(w_t)` (levels
     estimated once when QAT starts and then frozen, so a moving scale causes no transition):
     transition rate `k_t = mean(d_t != d_{t-1})`, running rate `K_t = m K_{t-1} + (1-m) k_t`
-    (`K_0 = R_0`), target `R_t` (cosine from `R_0` to 0 over QAT, or constant), and step size
+    (`K_0 = R_0`), target `R_t` (cosine from `R_0 = lambda sqrt(b)` to 0 over QAT, or constant), and step size
     `U_t = max(0, U_{t-1} + eta (R_t - K_t))` (paper rule, `eta = U_0` by default) or
     `s_t = m s_{t-1} + (1-m) s_{t-1} R_t / K_t`, `U_t = U_0 s_t`, `s_0 = 1` (public-code rule).
     The latent update is `w <- w + U_{t-1} * delta`, `delta` the base optimizer's own update at
@@ -61,16 +62,18 @@ class TALR(STE):
         device = self.params[0].device if self.params else torch.device("cpu")
         count = len(self.params)
         self.step_size = torch.full((count,), float(self.initial_lr), device=device)  # U_l
-        self.running_rate = torch.full((count,), config.target_rate, device=device)  # K_l
+        bits = math.log2(3) if quantizer.bits == TERNARY else quantizer.bits
+        self.initial_target = config.target_rate or config.rate_scale * math.sqrt(bits)  # R_0
+        self.running_rate = torch.full((count,), self.initial_target, device=device)  # K_l
         self.scale = torch.ones(count, device=device)  # s_l (momentum rule)
         self.previous_indices: list[Tensor] = []
-        self.target = config.target_rate
+        self.target = self.initial_target
 
     def target_rate(self, t: int) -> float:
         """R_t at QAT step t."""
         if self.config.target_schedule == "constant":
-            return self.config.target_rate
-        return self.config.target_rate * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t / self.qat_steps)))
+            return self.initial_target
+        return self.initial_target * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t / self.qat_steps)))
 
     def refresh_due(self, t: int) -> bool:
         return t == 0  # scales frozen while TALR runs

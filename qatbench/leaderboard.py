@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import QatbenchError
+from .plots import transition_rate_plot
 from .quant import bits_label, bits_order, parse_bits
 from .registry import TASKS
 from .results import RunRecord
@@ -42,6 +43,7 @@ def records_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
             "memory_kind": "GPU allocated" if "peak_allocated_mb" in memory else "peak RSS",
             "exact": (r.exactness or {}).get("passed"),
             "transition_rate": (r.history[-1].get("transition_rate") if r.history else None),
+            "transition_series": [h.get("transition_rate") for h in r.history],
             "setting": (f"recipe {spec.get('recipe')}: {recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}, "
                         f"lr {recipe.get('lr')}, {recipe.get('optimizer')}, {spec.get('device_type')}"),
             "quantizer": quantizer,
@@ -163,17 +165,20 @@ def _reference_section(task: str) -> str:
             + _table(["method", *bits_cols], rows) + "\n")
 
 
-def task_markdown(task: str, frame: pd.DataFrame, regenerate: str) -> str:
-    """The whole leaderboard file of one task."""
+def task_markdown(task: str, frame: pd.DataFrame, regenerate: str, plot_dir: Path | None = None) -> str:
+    """The whole leaderboard file of one task; with `plot_dir`, transition-rate figures are written there."""
     ok = frame[frame["status"] == "ok"]
     parts = [f"# {task}\n"]
-    for setting, group in ok.groupby("setting", sort=True):
+    for number, (setting, group) in enumerate(ok.groupby("setting", sort=True), start=1):
         sizes = sorted(group["num_test"].dropna().unique())
         configs = sorted(group["task_config"].unique())
         parts.append(f"## {setting}\n")
         parts.append(f"Task options {', '.join(configs)}; evaluated on {', '.join(str(int(s)) for s in sizes)} "
                      f"test examples; device {', '.join(sorted(group['device'].dropna().unique()))}.\n")
         parts.append(section_tables(group))
+        figure = f"{task}-transitions-{number}.png"
+        if plot_dir is not None and transition_rate_plot(group, plot_dir / figure, f"{task}, {setting}"):
+            parts.append(f"\nTransition rate per epoch, mean over seeds:\n\n![transition rate per epoch]({figure})\n")
     failed = frame[frame["status"] != "ok"]
     if len(failed):
         counts = ", ".join(f"{s}: {n}" for s, n in failed["status"].value_counts().items())
@@ -191,12 +196,12 @@ def task_markdown(task: str, frame: pd.DataFrame, regenerate: str) -> str:
     return "\n".join(parts)
 
 
-def build(records: Sequence[RunRecord], regenerate: str) -> dict[str, str]:
+def build(records: Sequence[RunRecord], regenerate: str, plot_dir: Path | None = None) -> dict[str, str]:
     """{task name: markdown} for every task present in `records`."""
     if not records:
         raise QatbenchError("no run records found")
     frame = records_frame(records)
-    return {task: task_markdown(task, group, regenerate) for task, group in frame.groupby("task")}
+    return {task: task_markdown(task, group, regenerate, plot_dir) for task, group in frame.groupby("task")}
 
 
 def index_markdown(records: Sequence[RunRecord], regenerate: str) -> str:
@@ -212,10 +217,10 @@ def index_markdown(records: Sequence[RunRecord], regenerate: str) -> str:
 
 
 def write(records: Sequence[RunRecord], out_dir: Path, regenerate: str) -> list[Path]:
-    """Write one `<task>.md` per task and the index `README.md` into `out_dir`."""
-    tables = build(records, regenerate)
+    """Write one `<task>.md` per task (with its figures when matplotlib is installed) and the index `README.md`."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        tables = build(records, regenerate, plot_dir=out_dir)
         paths = []
         for task, text in tables.items():
             path = out_dir / f"{task}.md"

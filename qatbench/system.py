@@ -16,15 +16,19 @@ _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
+CODE_PATHS = ("qatbench", "methods", "tasks", "pyproject.toml")
+
+
 def git_commit() -> str | None:
-    """The commit of the qatbench checkout, with '-dirty' if it has local changes; None outside git."""
+    """The commit of the qatbench checkout, with '-dirty' if its code (not its data, such as
+    leaderboard records) differs from that commit; None outside git."""
     source = Path(qatbench.__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
+                               cwd=source, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit.stdout.strip() + ("-dirty" if dirty else "")

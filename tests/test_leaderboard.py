@@ -85,3 +85,15 @@ def test_write_makes_one_file_per_task_and_an_index(tmp_path):
 def test_no_records_is_an_error():
     with pytest.raises(QatbenchError, match="no run records"):
         leaderboard.build([], "x")
+
+
+def test_transition_rate_figure_is_written_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [_record("ste", 2, s, 80.0) for s in range(2)] + [_record("fp", None, 0, 90.0)]
+    for r in records:
+        r.history = [{"epoch": e, "transition_rate": 0.01 / e} for e in (1, 2, 3)]
+    leaderboard.write(records, tmp_path, "x")
+    figure = tmp_path / "toy-transitions-1.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![transition rate per epoch](toy-transitions-1.png)" in (tmp_path / "toy.md").read_text()
+    assert "transitions" in (tmp_path / "toy.md").read_text()

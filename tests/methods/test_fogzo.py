@@ -77,3 +77,15 @@ def test_beta_decays_linearly_to_beta_min(make_method):
 def test_nspsa_is_fogzo_without_guidance(make_method):
     method, _ = make_method("nspsa", [[0.1, 0.2]], samples=4)
     assert method.beta(0) == 0.0 and method.config.samples == 4
+
+
+def test_a_seeded_run_is_reproducible_and_the_seed_matters(idx_root, isolated_data_env):
+    from qatbench.harness import RunSpec, execute, resolve
+
+    def run(seed):
+        spec = RunSpec(method="fogzo", task="mnist-mlp", bits=2, seed=seed, recipe="smoke",
+                       method_args={"beta_min": "0.5", "samples": "2"})
+        return execute(resolve(spec), data_root=idx_root, download=False, log=lambda line: None).history[0]["train_loss"]
+
+    assert run(0) == run(0)
+    assert run(0) != run(1)

@@ -78,6 +78,33 @@ def test_scales_are_frozen_after_the_first_qat_step():
     assert torch.equal(method.levels[0], first)
 
 
+def test_default_target_rate_is_lambda_sqrt_bits():
+    method, _, _ = _talr(rate_scale=4e-3)
+    assert method.initial_target == pytest.approx(4e-3)  # the fixture quantizes to 1 bit
+    assert method.running_rate.item() == pytest.approx(4e-3)
+
+
+@pytest.mark.parametrize("rule", ["paper", "momentum"])
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_each_latent_update_is_u_times_the_base_update_at_lr_one(rule, optimizer_name):
+    torch.manual_seed(0)
+    weight = torch.randn(1, 16)
+    method, p, _ = _talr(optimizer_name, lr=0.05, weight=weight.tolist(), rule=rule, target_rate=0.05, momentum=0.5)
+    shadow = torch.nn.Parameter(weight.clone())  # the same base optimizer at LR 1, stepped in lockstep
+    shadow_opt = (torch.optim.AdamW([shadow], lr=1.0, weight_decay=0.0) if optimizer_name == "adamw"
+                  else torch.optim.SGD([shadow], lr=1.0))
+    for _ in range(6):
+        grad = torch.randn(1, 16)
+        latent_before = method.latent[0].clone() if method.latent else p.data.clone()
+        u_before = method.step_size.clone()
+        p.grad, shadow.grad = grad.clone(), grad.clone()
+        shadow.data.copy_(latent_before)
+        shadow_opt.step()
+        method.step()
+        torch.testing.assert_close(method.latent[0], latent_before + u_before * (shadow.data - latent_before))
+    assert method.step_size.item() != pytest.approx(0.05)  # U moved away from U_0 = the group's LR
+
+
 def test_target_schedule_end_points():
     method, _, _ = _talr(total_steps=200, target_rate=0.01)
     assert method.target_rate(0) == pytest.approx(0.01)
