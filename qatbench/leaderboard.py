@@ -169,7 +169,8 @@ def task_markdown(task: str, frame: pd.DataFrame, regenerate: str, plot_dir: Pat
     """The whole leaderboard file of one task; with `plot_dir`, transition-rate figures are written there."""
     ok = frame[frame["status"] == "ok"]
     parts = [f"# {task}\n"]
-    for number, (setting, group) in enumerate(ok.groupby("setting", sort=True), start=1):
+    settings = sorted(ok.groupby("setting"), key=lambda item: (-len(item[1]), item[0]))  # the largest first
+    for number, (setting, group) in enumerate(settings, start=1):
         sizes = sorted(group["num_test"].dropna().unique())
         configs = sorted(group["task_config"].unique())
         parts.append(f"## {setting}\n")

@@ -35,7 +35,7 @@ def transition_rate_plot(frame: pd.DataFrame, path: Path, title: str) -> bool:
             label = "fp (2-bit levels)" if method == "fp" else method
             ax.plot(range(1, len(mean) + 1), mean.values, style, label=label)
             lines += 1
-        ax.set_title(f"{bits} bits" if bits != "FP" else "full precision")
+        ax.set_title(f"b = {bits}" if bits != "FP" else "full precision")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_yscale("log")
