@@ -15,15 +15,15 @@ from qatbench.schedules import linear_ramp, resolve_point
 
 @dataclasses.dataclass(frozen=True)
 class BinaryRelaxConfig(ProxConfig):
-    anneal_start: float = param(0.0, "QAT step (or fraction of training) where the relaxation starts")
-    anneal_end: float = param(0.75, "QAT step (or fraction of training) from which p = hardquant(w)")
+    anneal_start: float = param(0.0, "training step (or fraction of training) where the relaxation starts")
+    anneal_end: float = param(0.75, "training step (or fraction of training) from which p = hardquant(w)")
 
 
 @METHODS.register("binaryrelax")
 class BinaryRelax(ProxMethod):
     """BinaryRelax (Yin et al., SIAM J. Imaging Sciences 2018), as `ProxBinaryRelax` of the PARQ reference.
 
-    Prox map at QAT step t, with `theta = (t - start) / (end - start)` clipped to [0, 1]:
+    Prox map at training step t, with `theta = (t - start) / (end - start)` clipped to [0, 1]:
     `p = w` before `anneal_start`; `p = (1 - theta) w + theta hardquant(w)` in between;
     `p = hardquant(w)` from `anneal_end` on.
     """

@@ -17,8 +17,8 @@ from qatbench.schedules import normalized_mirror_sigmoid, resolve_point
 
 @dataclasses.dataclass(frozen=True)
 class PARQConfig(ProxConfig):
-    anneal_start: float = param(0.0, "QAT step (or fraction of training) where the slope starts to rise")
-    anneal_end: float = param(0.75, "QAT step (or fraction of training) from which p = hardquant(w)")
+    anneal_start: float = param(0.0, "training step (or fraction of training) where the slope starts to rise")
+    anneal_end: float = param(0.75, "training step (or fraction of training) from which p = hardquant(w)")
     steepness: float = param(10.0, "k of the mirror sigmoid of the inverse slope")
     center: float = param(0.5, "c of the mirror sigmoid (fraction of the annealing interval)")
     slope_schedule: Literal["sigmoid", "aprox"] = param(
@@ -55,7 +55,7 @@ class PARQ(ProxMethod):
     """PARQ (Jin et al., "PARQ: Piecewise-Affine Regularized Quantization", ICML 2025), prox form `ProxPARQ`.
 
     Latent update `w <- base_step(w, grad L(p))`, model weights `p = prox_rho(w)` (see
-    `parq_prox`). Inverse slope at QAT step t, `f = (t - t1) / (t2 - t1)`:
+    `parq_prox`). Inverse slope at training step t, `f = (t - t1) / (t2 - t1)`:
     `rho = 1` before `anneal_start` (t1), `rho = 0` (hard quantization) from `anneal_end`
     (t2) on, and in between the normalized mirror sigmoid
     `rho = (s(f) - s(1)) / (s(0) - s(1))`, `s(f) = 1 / (1 + exp(k (f - c)))`.
@@ -81,7 +81,7 @@ class PARQ(ProxMethod):
         self.cumulative_lr += next(g["lr"] for g in self.optimizer.param_groups if g.get("quant"))
 
     def inverse_slope(self, t: int) -> float:
-        """rho at QAT step t."""
+        """rho at training step t."""
         if self.config.slope_schedule == "aprox":
             return 1.0 / self.gamma
         if t < self.anneal_start:

@@ -1,4 +1,4 @@
-"""`qatbench run | list | leaderboard`: the command line.
+"""`qatbench run | sweep | list | leaderboard`: the command line.
 
 Every user error is printed as one line (`qatbench: error: ...`), never a traceback.
 """
@@ -6,8 +6,6 @@ Every user error is printed as one line (`qatbench: error: ...`), never a traceb
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import itertools
 import shlex
 import sys
 import tempfile
@@ -21,6 +19,7 @@ from .params import describe, parse_assignments
 from .quant import parse_bits
 from .registry import METHODS, TASKS, load_plugin_file
 from .results import load_records
+from .sweep import expand, load_sweep, shard, shared_method_args
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +36,17 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qatbench", description="Benchmark quantization-aware training methods.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", parents=[plugins], help="train and record runs (every combination of the lists)")
+    execution = _Parser(add_help=False)
+    execution.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    execution.add_argument("--data-root", type=Path, default=None, help="where the data set lies (searched first)")
+    execution.add_argument("--no-download", action="store_true", help="never try to download a missing data set")
+    execution.add_argument("--out", type=Path, default=Path("runs"), help="folder of run records (default: runs/)")
+    execution.add_argument("--force", action="store_true", help="rerun runs whose record already exists")
+    execution.add_argument("--shard", default=None, metavar="I/N",
+                           help="run only every N-th run starting at the I-th (split a sweep over N processes)")
+
+    run = sub.add_parser("run", parents=[plugins, execution],
+                         help="train and record runs (every combination of the lists)")
     run.add_argument("--method", nargs="+", required=True, help="method name(s), see `qatbench list methods`")
     run.add_argument("--task", nargs="+", required=True, help="task name(s), see `qatbench list tasks`")
     run.add_argument("--bits", nargs="+", default=None, help="bit width(s): 1..8, or T for ternary (fp ignores it)")
@@ -52,11 +61,12 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="a method hyper-parameter (repeatable), e.g. anneal_end=0.75")
     run.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
                      help="a task option (repeatable), e.g. hidden=64")
-    run.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
-    run.add_argument("--data-root", type=Path, default=None, help="where the data set lies (searched first)")
-    run.add_argument("--no-download", action="store_true", help="never try to download a missing data set")
-    run.add_argument("--out", type=Path, default=Path("runs"), help="folder of run records (default: runs/)")
-    run.add_argument("--force", action="store_true", help="rerun runs whose record already exists")
+    run.add_argument("--init", default=None, metavar="CHECKPOINT.pt",
+                     help="start from this full-precision checkpoint (written by a --method fp run of the task)")
+
+    sweep = sub.add_parser("sweep", parents=[plugins, execution], help="run a YAML sweep file (see configs/)")
+    sweep.add_argument("file", type=Path, help="the sweep file")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and their record names, train nothing")
 
     lst = sub.add_parser("list", parents=[plugins], help="list methods and tasks with their options")
     lst.add_argument("what", nargs="?", default="all", help="methods | tasks | all")
@@ -68,27 +78,13 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _method_args(method: str, given: dict[str, str], methods: list[str]) -> dict[str, str]:
-    """The `--method-arg`s that `method` takes. In a sweep over several methods each takes
-    the keys it declares; a key that no method of the sweep declares is an error."""
-    fields = {f.name for f in dataclasses.fields(METHODS.get(method).Config)}
-    declared = set().union(*({f.name for f in dataclasses.fields(METHODS.get(m).Config)} for m in methods))
-    return {k: v for k, v in given.items() if k in fields or k not in declared}
-
-
 def _specs(args: argparse.Namespace) -> list[RunSpec]:
     bits_values = [parse_bits(b) for b in args.bits] if args.bits else [None]
-    method_args = parse_assignments(args.method_arg, "--method-arg")
-    task_args = parse_assignments(args.task_arg, "--task-arg")
-    specs = []
-    for task, method, seed in itertools.product(args.task, args.method, args.seeds):
-        for bits in (bits_values if METHODS.get(method).quantizes else [None]):
-            specs.append(RunSpec(
-                method=method, task=task, bits=bits, seed=seed, recipe=args.recipe,
-                method_args=_method_args(method, method_args, args.method), task_args=task_args,
-                scheme=args.quantizer, granularity=args.granularity, epochs=args.epochs,
-                batch_size=args.batch_size, lr=args.lr, device=args.device))
-    return specs
+    method_args = shared_method_args(args.method, parse_assignments(args.method_arg, "--method-arg"))
+    return expand(args.task, method_args, bits_values, args.seeds, recipe=args.recipe,
+                  task_args=parse_assignments(args.task_arg, "--task-arg"), scheme=args.quantizer,
+                  granularity=args.granularity, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                  init=args.init, device=args.device)
 
 
 def _check_writable(folder: Path) -> None:
@@ -100,8 +96,15 @@ def _check_writable(folder: Path) -> None:
         raise QatbenchError(f"output folder {str(folder)!r} is not writable: {err.strerror or err}") from None
 
 
-def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
-    runs = [resolve(spec) for spec in _specs(args)]  # validate everything before training anything
+def _cmd_run(specs: list[RunSpec], args: argparse.Namespace, argv: list[str]) -> int:
+    if args.shard:
+        specs = shard(specs, args.shard)
+    runs = [resolve(spec) for spec in specs]  # validate everything before training anything
+    if getattr(args, "dry_run", False):
+        for run in runs:
+            print(f"{run.label}: {run.run_id}")
+        print(f"{len(runs)} runs")
+        return 0
     _check_writable(args.out)
     records = run_all(runs, args.out, args.data_root, not args.no_download, args.force,
                       log=lambda line: print(line, flush=True), command=shlex.join(["qatbench", *argv]))
@@ -125,8 +128,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             task = TASKS.get(name)
             _print_entry(name, task)
             for recipe_name, recipe in task.recipes.items():
-                fields = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(recipe).items() if v not in ((), 0.0))
-                print(f"      recipe {recipe_name}: {fields}")
+                print(f"      recipe {recipe_name}: {recipe.summary()}")
     return 0
 
 
@@ -160,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         for plugin in args.plugin:
             load_plugin_file(plugin)
         if args.command == "run":
-            return _cmd_run(args, argv)
+            return _cmd_run(_specs(args), args, argv)
+        if args.command == "sweep":
+            return _cmd_run(load_sweep(args.file, args.device), args, argv)
         if args.command == "list":
             return _cmd_list(args)
         return _cmd_leaderboard(args, argv)

@@ -35,8 +35,9 @@ def candidate_roots(data_root: Path | None) -> list[Path]:
     return [Path(r).expanduser() for r in roots]
 
 
-def _has_files(folder: Path, files: Sequence[str]) -> bool:
-    return all((folder / f).is_file() or (folder / f"{f}.gz").is_file() for f in files)
+def _has_files(folder: Path, entries: Sequence[str]) -> bool:
+    """Whether every entry (a file, possibly gzipped, or a folder) exists in `folder`."""
+    return all((folder / e).exists() or (folder / f"{e}.gz").is_file() for e in entries)
 
 
 def locate(
@@ -47,7 +48,7 @@ def locate(
     how_to_get: str,
     download: Callable[[Path], None] | None = None,
 ) -> Path:
-    """The first folder holding all `files` (plain or `.gz`), downloading as a last resort."""
+    """The first folder holding all `files` (files, plain or `.gz`, or sub-folders), downloading as a last resort."""
     looked: list[Path] = []
     for root in candidate_roots(data_root):
         for sub in ("", *subdirs):

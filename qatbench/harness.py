@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import math
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +52,7 @@ class RunSpec:
     batch_size: int | None = None
     lr: float | None = None
     device: str = "cpu"
+    init: str | None = None  # a full-precision checkpoint (state dict) to start from
 
 
 @dataclasses.dataclass
@@ -111,6 +114,7 @@ def resolve(spec: RunSpec) -> ResolvedRun:
     bits = spec.bits if method_cls.quantizes else FP_DIAGNOSTIC_BITS
     quantizer = QuantizerConfig(bits=bits, scheme=scheme, granularity=granularity)
     device = resolve_device(spec.device)
+    init = _checkpoint_identity(spec.init) if spec.init else None
     identity = {
         "method": method_cls.name,
         "method_config": dataclasses.asdict(method_config),
@@ -121,8 +125,40 @@ def resolve(spec: RunSpec) -> ResolvedRun:
         "quantizer": dataclasses.asdict(quantizer),
         "seed": spec.seed,
         "device_type": device.type,
+        "init": init,
     }
     return ResolvedRun(spec, method_cls, method_config, task, recipe, quantizer, device, identity, identity_hash(identity))
+
+
+def _checkpoint_identity(path_text: str) -> dict[str, str]:
+    """A checkpoint enters the run's identity by its content, not by where it lies."""
+    path = Path(path_text)
+    if not path.is_file():
+        raise QatbenchError(f"--init {path_text!r}: no such checkpoint file")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"file": path.name, "sha256": digest.hexdigest()[:16]}
+
+
+def _load_checkpoint(model: torch.nn.Module, path: str, task: str, device: torch.device) -> None:
+    state = torch.load(path, map_location=device, weights_only=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise QatbenchError(f"checkpoint {path!r} does not fit task {task!r}: {len(missing)} missing keys "
+                            f"({', '.join(missing[:3])}...), {len(unexpected)} unexpected ({', '.join(unexpected[:3])}...)")
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed torch, and the global RNGs some libraries draw from (timm's mixup uses numpy's)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy
+    except ImportError:
+        return
+    numpy.random.seed(seed)
 
 
 def _sync(device: torch.device) -> None:
@@ -130,10 +166,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _train(run: ResolvedRun, record: RunRecord, data_root: Path | None, download: bool, log: Log) -> None:
+def _train(run: ResolvedRun, record: RunRecord, data_root: Path | None, download: bool, log: Log,
+           checkpoint: Path | None) -> None:
     """Train, finalize, check exactness and evaluate, filling `record` as it goes."""
     device, recipe, task = run.device, run.recipe, run.task
-    torch.manual_seed(run.spec.seed)
+    _seed_everything(run.spec.seed)
     data_generator = torch.Generator(device).manual_seed(run.spec.seed)
     method_generator = torch.Generator(device).manual_seed(run.spec.seed + 1)
     memory = PeakMemory(device)
@@ -142,6 +179,8 @@ def _train(run: ResolvedRun, record: RunRecord, data_root: Path | None, download
     data = task.load_data(data_root, device, recipe.batch_size, data_generator, download)
     record.num_train, record.num_test = data.num_train, data.num_test
     model = task.build_model().to(device)
+    if run.spec.init:
+        _load_checkpoint(model, run.spec.init, task.name, device)
     optimizer = recipe.make_optimizer(task.param_groups(model))
     steps_per_epoch = len(data.train)
     if steps_per_epoch == 0:
@@ -218,12 +257,18 @@ def _train(run: ResolvedRun, record: RunRecord, data_root: Path | None, download
     record.metric = task.evaluate(model, data.test)
     timing["final_eval_s"] = time.perf_counter() - eval_start
     record.memory = memory.read()
+    if checkpoint is not None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), checkpoint)
+        record.checkpoint = str(checkpoint)
     record.status = "ok"
 
 
 def execute(run: ResolvedRun, data_root: Path | None = None, download: bool = True, log: Log = print,
-            command: str | None = None) -> RunRecord:
-    """One run. Training failures become a record status; user errors (bad data path) raise."""
+            command: str | None = None, checkpoint: Path | None = None) -> RunRecord:
+    """One run. Training failures become a record status; user errors (bad data path) raise.
+
+    With `checkpoint`, the final model's state dict is saved there (what `--init` takes)."""
     record = RunRecord(
         run_id=run.run_id, spec=run.identity, method=run.method_cls.name, task=run.task.name,
         bits=run.bits, seed=run.spec.seed, status="error",
@@ -233,7 +278,7 @@ def execute(run: ResolvedRun, data_root: Path | None = None, download: bool = Tr
     )
     start = time.perf_counter()
     try:
-        _train(run, record, data_root, download, log)
+        _train(run, record, data_root, download, log, checkpoint)
     except QatbenchError:
         raise
     except KeyboardInterrupt:
@@ -265,7 +310,9 @@ def run_all(runs: list[ResolvedRun], out_dir: Path, data_root: Path | None = Non
                 log(f"[{run.label}] skipped: record exists ({path}); --force reruns it")
                 records.append(existing)
                 continue
-        record = execute(run, data_root, download, log, command)
+        # full-precision runs keep their weights: the starting point of fine-tuning QAT (--init)
+        checkpoint = None if run.method_cls.quantizes else path.with_suffix(".pt")
+        record = execute(run, data_root, download, log, command, checkpoint)
         write_record(path, record)
         records.append(record)
         log(summary_line(run.label, record, path))

@@ -112,7 +112,10 @@ class ProxMethod(Method):
     # -- the proximal map ------------------------------------------------------------
     @abstractmethod
     def prox(self, latent: Tensor, levels: Tensor, t: int) -> Tensor:
-        """The model weights for latent rows `latent` and levels `levels` at QAT step `t`."""
+        """The model weights for latent rows `latent` and levels `levels` at training step `t`.
+
+        `t` counts from the start of training, warm-up included, as the PARQ reference's
+        `step_count`, so schedule points mean the same with or without a warm-up."""
 
     def prox_input(self, latent: Tensor) -> Tensor:
         """What the levels are estimated from and `prox` acts on (PARQ may shrink it)."""
@@ -161,7 +164,7 @@ class ProxMethod(Method):
                         self.levels[i] = levels
                     else:
                         self.levels.append(levels)
-                self._rows(p).copy_(self.prox(source, self.levels[i], t))
+                self._rows(p).copy_(self.prox(source, self.levels[i], self.steps))
         self.steps += 1
 
     @torch.no_grad()

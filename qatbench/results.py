@@ -50,6 +50,7 @@ class RunRecord:
     exactness: dict[str, Any] = dataclasses.field(default_factory=dict)
     environment: dict[str, Any] = dataclasses.field(default_factory=dict)
     message: str | None = None  # for statuses other than ok
+    checkpoint: str | None = None  # where the final weights were saved (full-precision runs)
     command: str | None = None
     created: str | None = None
     schema: int = SCHEMA_VERSION

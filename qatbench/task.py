@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -34,10 +34,23 @@ class Recipe:
     milestones: tuple[int, ...] = ()  # epochs at which a "step" schedule multiplies the LR by lr_decay
     lr_decay: float = 0.1
     warmup_epochs: float = 0.0  # linear warm-up of the LR from 0
+    min_lr: float = 0.0  # where a cosine schedule ends
+    final_hold_epochs: int = 0  # a cosine schedule reaches min_lr this many epochs before the end and stays there
 
     def with_overrides(self, epochs: int | None, batch_size: int | None, lr: float | None) -> Recipe:
         changes = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def summary(self) -> str:
+        """One line with the fields that matter for this recipe's optimizer and schedule."""
+        optimizer = f"SGD lr {self.lr:g} momentum {self.momentum:g}" if self.optimizer == "sgd" else f"AdamW lr {self.lr:g}"
+        schedule = {"cosine": f"cosine to {self.min_lr:g}" + (f", held the last {self.final_hold_epochs} epochs"
+                                                               if self.final_hold_epochs else ""),
+                    "step": f"LR x{self.lr_decay:g} at epochs {', '.join(map(str, self.milestones))}",
+                    "constant": "constant LR"}[self.lr_schedule]
+        warmup = f", {self.warmup_epochs:g} warm-up epochs" if self.warmup_epochs else ""
+        return (f"{optimizer}, wd {self.weight_decay:g}, batch {self.batch_size}, {self.epochs} epochs, "
+                f"{schedule}{warmup}")
 
     def make_optimizer(self, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         groups = [{"weight_decay": self.weight_decay, **g} for g in param_groups]
@@ -52,8 +65,10 @@ class Recipe:
         if step < warmup:
             return (step + 1) / warmup
         if self.lr_schedule == "cosine":
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+            decay_steps = max(1, total - warmup - self.final_hold_epochs * steps_per_epoch)
+            progress = min(1.0, (step - warmup) / decay_steps)
+            floor = self.min_lr / self.lr
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
         if self.lr_schedule == "step":
             return self.lr_decay ** sum(step >= m * steps_per_epoch for m in self.milestones)
         return 1.0
@@ -62,11 +77,15 @@ class Recipe:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step, steps_per_epoch))
 
 
+BatchTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
 class TensorBatches:
     """Mini-batches of device-resident tensors, reshuffled each pass by a seeded generator.
 
     The whole data set lives on the run's device; a batch is an index into it, so
-    no per-sample Python work happens during training.
+    no per-sample Python work happens during training. `transform(inputs, targets)`
+    runs on each whole batch on the device (augmentation, normalization, dtype).
     """
 
     def __init__(
@@ -77,10 +96,12 @@ class TensorBatches:
         shuffle: bool,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        transform: BatchTransform | None = None,
     ) -> None:
         self.inputs, self.targets = inputs, targets
         self.batch_size = batch_size
         self.shuffle, self.generator, self.drop_last = shuffle, generator, drop_last
+        self.transform = transform
 
     def __len__(self) -> int:
         n = len(self.targets)
@@ -95,7 +116,26 @@ class TensorBatches:
             order = torch.arange(n, device=device)
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self.inputs[index], self.targets[index]
+            inputs, targets = self.inputs[index], self.targets[index]
+            yield self.transform(inputs, targets) if self.transform else (inputs, targets)
+
+
+class DeviceLoader:
+    """A `torch.utils.data.DataLoader` (for data sets too large for device memory) whose
+    batches arrive on `device`, optionally transformed there (mixup, CutMix)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device,
+                 transform: BatchTransform | None = None) -> None:
+        self.loader, self.device, self.transform = loader, device, transform
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for inputs, targets in self.loader:
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            yield self.transform(inputs, targets) if self.transform else (inputs, targets)
 
 
 @dataclasses.dataclass
@@ -140,12 +180,23 @@ class Task(ABC):
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return nn.functional.cross_entropy(output, target)
 
+    def no_weight_decay(self, name: str, parameter: nn.Parameter) -> bool:
+        """Full-precision parameters trained without weight decay: biases and norms by default."""
+        return parameter.dim() < 2
+
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Quantized parameters in one group marked `"quant": True`, the rest in another."""
-        quantized, others = [], []
+        """Quantized parameters in a group marked `"quant": True`; the others with or without weight decay."""
+        quantized, decay, no_decay = [], [], []
         for name, parameter in model.named_parameters():
-            (quantized if self.is_quantized(name, parameter) else others).append(parameter)
-        return [g for g in ({"params": quantized, "quant": True}, {"params": others, "quant": False}) if g["params"]]
+            if self.is_quantized(name, parameter):
+                quantized.append(parameter)
+            elif self.no_weight_decay(name, parameter):
+                no_decay.append(parameter)
+            else:
+                decay.append(parameter)
+        groups = [{"params": quantized, "quant": True}, {"params": decay, "quant": False},
+                  {"params": no_decay, "quant": False, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> float:

@@ -57,3 +57,52 @@ def isolated_data_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No $QATBENCH_DATA and an empty home cache, so only --data-root and system folders count."""
     monkeypatch.delenv("QATBENCH_DATA", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+def make_cifar_batches(folder: Path, per_batch: int = 20, test_size: int = 40, seed: int = 0) -> Path:
+    """CIFAR-10's python layout: cifar-10-batches-py/data_batch_1..5 and test_batch, pickled dicts."""
+    import pickle
+
+    batches = folder / "cifar-10-batches-py"
+    batches.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", test_size)]:
+        labels = torch.randint(0, 10, (n,), generator=generator)
+        images = torch.randint(0, 256, (n, 3, 32, 32), generator=generator, dtype=torch.uint8)
+        for i, label in enumerate(labels.tolist()):  # a class-dependent bright channel makes it learnable
+            images[i, label % 3] = images[i, label % 3] // 4 + 190
+        record = {b"batch_label": name.encode(), b"labels": labels.tolist(),
+                  b"data": images.reshape(n, -1).numpy(), b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
+        with open(batches / name, "wb") as f:
+            pickle.dump(record, f)
+    return folder
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class_train: int = 4, per_class_val: int = 2,
+                      size: int = 40, seed: int = 0) -> Path:
+    """An ImageNet-style tree of JPEG files: root/train/<class>/*.JPEG and root/val/<class>/*.JPEG."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    for split, count in (("train", per_class_train), ("val", per_class_val)):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"img_{i}.JPEG", format="JPEG")
+    return root
+
+
+def smoke_run(tmp_path: Path, *argv: str) -> dict:
+    """`qatbench run ARGV --recipe smoke --no-download --out TMP`, asserting one finished, exactly quantized record."""
+    import json
+
+    from qatbench.cli import main
+
+    out = tmp_path / "runs"
+    assert main(["run", *argv, "--recipe", "smoke", "--no-download", "--out", str(out)]) == 0
+    [path] = out.rglob("*.json")
+    record = json.loads(path.read_text())
+    assert record["status"] == "ok" and record["exactness"]["passed"] is True
+    return record

@@ -1,0 +1,206 @@
+"""CIFAR-10 with the CIFAR ResNets of He et al. (2016): ResNet-20 and ResNet-56."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qatbench.data import locate
+from qatbench.errors import QatbenchError
+from qatbench.params import NoConfig
+from qatbench.registry import TASKS
+from qatbench.task import Recipe, Task, TaskData, TensorBatches
+
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILES = ["test_batch"]
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions; option-A shortcut: identity, or stride-2 subsampling with zero-padded channels."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = stride != 1 or in_planes != planes
+        self.extra_channels = planes - in_planes
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x
+        if self.downsample:
+            half = self.extra_channels // 2
+            shortcut = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, half, self.extra_channels - half))
+        return F.relu(out + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs: 3 stages of n blocks, 16/32/64 channels, global pool, linear."""
+
+    def __init__(self, depth: int, num_classes: int = 10) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        stages, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(64, num_classes)
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def random_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
+    """Per-image random crop of a zero-padded batch and random horizontal flip, on the batch's device.
+
+    `images` is `(B, C, H, W)`; every image gets its own offsets in `[0, 2 * padding]` and its
+    own coin for the flip, all drawn from `generator`.
+    """
+    batch, _, height, width = images.shape
+    device = images.device
+    padded = F.pad(images, (padding, padding, padding, padding))
+    top = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=generator.device).to(device)
+    left = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=generator.device).to(device)
+    rows = (top[:, None] + torch.arange(height, device=device))[:, :, None]  # (B, H, 1)
+    cols = (left[:, None] + torch.arange(width, device=device))[:, None, :]  # (B, 1, W)
+    crops = padded.permute(0, 2, 3, 1)[torch.arange(batch, device=device)[:, None, None], rows, cols]
+    crops = crops.permute(0, 3, 1, 2)  # (B, C, H, W)
+    flip = (torch.rand(batch, generator=generator, device=generator.device) < 0.5).to(device)
+    return torch.where(flip[:, None, None, None], crops.flip(3), crops)
+
+
+def read_cifar_batches(folder: Path, names: list[str]) -> tuple[Tensor, Tensor]:
+    """Images `(N, 3, 32, 32)` uint8 and labels `(N,)` int64 from CIFAR-10 python pickle batches."""
+    images, labels = [], []
+    for name in names:
+        path = folder / name
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            data, batch_labels = batch[b"data"], batch[b"labels"]
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError) as err:
+            raise QatbenchError(f"{path} is not a CIFAR-10 python batch ({type(err).__name__}: {err})") from None
+        images.append(torch.as_tensor(data, dtype=torch.uint8).reshape(-1, 3, 32, 32))
+        labels.append(torch.as_tensor(batch_labels, dtype=torch.long))
+    return torch.cat(images), torch.cat(labels)
+
+
+class CifarTask(Task):
+    """CIFAR-10 (python pickle batches) with a CIFAR ResNet; option-A shortcuts (no parameters).
+
+    Every convolution and the final linear weight are quantized, the first convolution
+    included, as in the PARQ reference (every parameter named `weight` except norms),
+    per tensor with LSBQ levels by default (the reference's CIFAR script); biases and
+    BatchNorm stay full precision, without weight decay. The whole data set lives on the run's
+    device as uint8; each training batch is padded by 4, randomly cropped to 32x32 and
+    flipped on the device, then normalized by the training split's per-channel mean
+    and standard deviation.
+
+    Recipes: `paper` as the PARQ paper (SGD 0.1, momentum 0.9, wd 2e-4, batch 128,
+    200 epochs, LR /10 at epochs 80, 120, 150); `short` 30 epochs with cosine decay;
+    `smoke` one epoch at batch 32.
+    """
+
+    Config = NoConfig
+    depth: ClassVar[int] = 20
+    default_scheme = "lsbq"  # the PARQ paper's CIFAR runs: greedy LSBQ levels, per tensor
+    default_granularity = "tensor"
+    recipes = {
+        "smoke": Recipe(epochs=1, batch_size=32, lr=0.1, weight_decay=2e-4, lr_schedule="constant"),
+        "short": Recipe(epochs=30, batch_size=128, lr=0.1, weight_decay=2e-4),
+        "paper": Recipe(epochs=200, batch_size=128, lr=0.1, weight_decay=2e-4, lr_schedule="step",
+                        milestones=(80, 120, 150)),
+    }
+
+    def build_model(self) -> nn.Module:
+        return CifarResNet(self.depth)
+
+    def is_quantized(self, name: str, parameter: nn.Parameter) -> bool:
+        return name.endswith("weight") and parameter.dim() > 1
+
+    @staticmethod
+    def _download(target: Path) -> None:
+        import torchvision.datasets
+
+        torchvision.datasets.CIFAR10(root=str(target), train=True, download=True)
+
+    def load_data(self, data_root, device, batch_size, generator, download) -> TaskData:
+        folder = locate("CIFAR-10", TRAIN_FILES + TEST_FILES, ("cifar-10-batches-py", "cifar10/cifar-10-batches-py"),
+                        data_root, "Put the python version of CIFAR-10 (folder cifar-10-batches-py) under --data-root, "
+                        "or let torchvision download it (needs internet).", self._download if download else None)
+        train_x, train_y = read_cifar_batches(folder, TRAIN_FILES)
+        test_x, test_y = read_cifar_batches(folder, TEST_FILES)
+        train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
+        pixels = train_x.float().div_(255)
+        mean = pixels.mean(dim=(0, 2, 3), keepdim=True)[0]
+        std = pixels.std(dim=(0, 2, 3), keepdim=True)[0]
+        del pixels
+
+        def normalize(images: Tensor) -> Tensor:
+            return (images.float().div_(255) - mean) / std
+
+        def train_transform(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+            return normalize(random_crop_flip(images, generator)), labels
+
+        def test_transform(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+            return normalize(images), labels
+
+        return TaskData(
+            train=TensorBatches(train_x, train_y, batch_size, shuffle=True, generator=generator, drop_last=True,
+                                transform=train_transform),
+            test=TensorBatches(test_x, test_y, 1000, shuffle=False, transform=test_transform),
+            num_train=len(train_y),
+            num_test=len(test_y),
+        )
+
+
+PARQ_SOURCE = "PARQ (Jin et al., ICML 2025, arXiv version), Table: CIFAR-10, mean ± std of 3 seeds"
+
+
+@TASKS.register("cifar10-resnet20")
+class Cifar10ResNet20(CifarTask):
+    __doc__ = "ResNet-20 (0.27M parameters). " + CifarTask.__doc__
+    depth = 20
+    reference = {
+        "source": PARQ_SOURCE, "fp": 91.82,
+        "rows": {
+            "ste": {"1": "89.56 ± 0.18", "T": "90.94 ± 0.15", "2": "91.22 ± 0.15", "3": "91.84 ± 0.22", "4": "91.93 ± 0.04"},
+            "binaryrelax": {"1": "89.98 ± 0.13", "T": "91.25 ± 0.07", "2": "91.57 ± 0.06", "3": "91.77 ± 0.05", "4": "91.92 ± 0.16"},
+            "parq": {"1": "90.48 ± 0.26", "T": "91.45 ± 0.11", "2": "91.71 ± 0.03", "3": "91.97 ± 0.04", "4": "91.84 ± 0.02"},
+        },
+    }
+
+
+@TASKS.register("cifar10-resnet56")
+class Cifar10ResNet56(CifarTask):
+    __doc__ = "ResNet-56 (0.85M parameters). " + CifarTask.__doc__
+    depth = 56
+    reference = {
+        "source": PARQ_SOURCE, "fp": 93.08,
+        "rows": {
+            "ste": {"1": "91.55 ± 0.33", "T": "92.42 ± 0.09", "2": "92.72 ± 0.27", "3": "92.73 ± 0.44", "4": "92.34 ± 0.23"},
+            "binaryrelax": {"1": "91.75 ± 0.37", "T": "92.34 ± 0.23", "2": "92.30 ± 0.40", "3": "92.86 ± 0.40", "4": "92.59 ± 0.10"},
+            "parq": {"1": "91.34 ± 0.37", "T": "92.97 ± 0.15", "2": "92.77 ± 0.10", "3": "92.45 ± 0.44", "4": "92.49 ± 0.16"},
+        },
+    }
