@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import Tensor
 
 from qatbench.method import ProxConfig, ProxMethod
 from qatbench.params import param
-from qatbench.quant import hard_quantize
+
 from qatbench.registry import METHODS
 from qatbench.schedules import linear_ramp, resolve_point
 
@@ -36,11 +37,14 @@ class BinaryRelax(ProxMethod):
         self.anneal_end = max(self.anneal_start + 1, resolve_point(config.anneal_end, total_steps, "anneal_end"))
         self.theta = 0.0
 
-    def prox(self, latent: Tensor, levels: Tensor, t: int) -> Tensor:
+    def prox(self, latent: Tensor, levels: Tensor, bounds: Tensor, t: int, out: Tensor) -> None:
         self.theta = linear_ramp(t, self.anneal_start, self.anneal_end)
         if self.theta == 0.0:
-            return latent
-        return latent.lerp(hard_quantize(latent, levels), self.theta)
+            out.copy_(latent)
+        elif self.theta == 1.0:
+            self.hard_quantize(latent, levels, bounds, out=out)
+        else:
+            torch.lerp(latent, self.hard_quantize(latent, levels, bounds), self.theta, out=out)
 
     def diagnostics(self) -> dict[str, float]:
         return {"theta": self.theta}

@@ -13,7 +13,7 @@ from torch import Tensor
 from qatbench.method import Closure, ProxConfig
 from qatbench.methods.ste import STE
 from qatbench.params import param
-from qatbench.quant import as_rows, hard_quantize
+from qatbench.quant import as_rows
 from qatbench.registry import METHODS
 
 EPS_BAR = 1.0 / (2.0 * math.sqrt(3.0))
@@ -124,15 +124,15 @@ class FOGZO(STE):
         assert closure is not None, "FOGZO needs the closure that evaluates the batch loss"
         granularity = self.quantizer.granularity
         self.current_beta = self.beta(self.steps - self.warmup_steps)
-        weights = [self._rows(w) for w in self.latent]
+        weights = self.latent_rows
         guide = [as_rows(p.grad, granularity) for p in self.params] if self.current_beta > 0 else None
         # the quantizer step per row: (q_m - q_1) / (m - 1), exact for uniform levels, mean spacing for LSBQ
         radius = [self.config.alpha * EPS_BAR * (q[:, -1:] - q[:, :1]) / (q.shape[1] - 1) for q in self.levels]
         radius = [r.clamp(min=torch.finfo(r.dtype).tiny) for r in radius]
 
         def quantized_loss(perturbed: list[Tensor]) -> Tensor:
-            for p, w, levels in zip(self.params, perturbed, self.levels):
-                self._rows(p).copy_(hard_quantize(w, levels))
+            for w, levels, bounds, out in zip(perturbed, self.levels, self.bounds, self.param_rows):
+                self.hard_quantize(w, levels, bounds, out=out)
             return closure()
 
         estimate = zeroth_order_gradient(quantized_loss, weights, guide, radius, self.current_beta,

@@ -25,18 +25,21 @@ class FullPrecision(Method):
 
     def __init__(self, config, optimizer, quantizer, total_steps, generator) -> None:
         super().__init__(config, optimizer, quantizer, total_steps, generator)
+        self.rows = [as_rows(p.detach(), quantizer.granularity) for p in self.quantized_params()] if quantizer else []
         self.levels: list[Tensor] = []
+        self.levels_step = -LEVEL_REFRESH_PERIOD
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> None:
         self.optimizer.step()
-        if self.quantizer is not None and self.steps % LEVEL_REFRESH_PERIOD == 0:
-            self.levels = [estimate_levels(rows, self.quantizer) for rows, _ in self._rows_and_levels(False)]
         self.steps += 1
 
-    def _rows_and_levels(self, with_levels: bool = True) -> list[tuple[Tensor, Tensor | None]]:
-        rows = [as_rows(p.data, self.quantizer.granularity) for p in self.quantized_params()]
-        return list(zip(rows, self.levels)) if with_levels else [(r, None) for r in rows]
-
+    @torch.no_grad()
     def quantization_state(self) -> list[tuple[Tensor, Tensor]]:
-        return self._rows_and_levels() if self.levels else []
+        """The weights and the levels they would get, re-estimated when asked, at most every 10 steps."""
+        if not self.rows:
+            return []
+        if self.steps - self.levels_step >= LEVEL_REFRESH_PERIOD:
+            self.levels = [estimate_levels(rows, self.quantizer) for rows in self.rows]
+            self.levels_step = self.steps
+        return list(zip(self.rows, self.levels))

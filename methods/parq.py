@@ -32,22 +32,32 @@ class PARQConfig(ProxConfig):
             raise ValueError(f"steepness={self.steepness} must be > 0")
 
 
-def parq_prox(latent: Tensor, levels: Tensor, inv_slope: float) -> Tensor:
+def parq_prox(latent: Tensor, levels: Tensor, inv_slope: float, bounds: Tensor | None = None,
+              out: Tensor | None = None, evenly_spaced: bool = False) -> Tensor:
     """Prox map of the piecewise-affine regularizer with inverse slope `rho`.
 
     For `w` in its interval `[q_lo, q_hi]` of Q (below q_1 both ends are q_1, above
     q_m both are q_m): `p = clamp(c + (w - c) / rho, q_lo, q_hi)`, `c = (q_lo + q_hi) / 2`.
-    `rho = 1` is the identity inside `[q_1, q_m]`; `rho = 0` is hard quantization.
+    `rho = 1` is the identity inside `[q_1, q_m]` (a clamp); `rho = 0` is hard quantization.
+    `bounds` (the midpoints of `levels`) serve the hard quantization when given.
     """
     if inv_slope == 0.0:
-        return hard_quantize(latent, levels)
-    m = levels.shape[1]
-    upper_index = torch.searchsorted(levels.contiguous(), latent.contiguous())
-    q_lo = levels.gather(1, (upper_index - 1).clamp_(min=0))
-    q_hi = levels.gather(1, upper_index.clamp_(max=m - 1))
-    center = (q_lo + q_hi) / 2
+        return hard_quantize(latent, levels, bounds, out=out, evenly_spaced=evenly_spaced)
+    if inv_slope == 1.0:
+        return torch.clamp(latent, levels[:, :1], levels[:, -1:], out=out)
     rho = max(inv_slope, torch.finfo(latent.dtype).tiny)
-    return torch.minimum(torch.maximum(center + (latent - center) / rho, q_lo), q_hi)
+    if evenly_spaced:  # the interval in closed form: q_lo = q_1 + j s, j = clamp(floor((w - q_1) / s), 0, m - 2)
+        first, step = levels[:, :1], levels[:, 1:2] - levels[:, :1]
+        interval = (latent - first).div_(step).floor_().clamp_(0, levels.shape[1] - 2)
+        q_lo = torch.addcmul(first, interval, step)
+        q_hi = q_lo + step
+    else:
+        upper_index = torch.searchsorted(levels.contiguous(), latent.contiguous())
+        q_lo = levels.gather(1, (upper_index - 1).clamp_(min=0))
+        q_hi = levels.gather(1, upper_index.clamp_(max=levels.shape[1] - 1))
+    center = (q_lo + q_hi).mul_(0.5)
+    relaxed = (latent - center).div_(rho).add_(center)
+    return torch.clamp(relaxed, q_lo, q_hi, out=out)
 
 
 @METHODS.register("parq")
@@ -94,9 +104,9 @@ class PARQ(ProxMethod):
     def prox_input(self, latent: Tensor) -> Tensor:
         return latent / self.gamma if self.config.quant_shrink else latent
 
-    def prox(self, latent: Tensor, levels: Tensor, t: int) -> Tensor:
+    def prox(self, latent: Tensor, levels: Tensor, bounds: Tensor, t: int, out: Tensor) -> None:
         self.inv_slope = self.inverse_slope(t)
-        return parq_prox(latent, levels, self.inv_slope)
+        parq_prox(latent, levels, self.inv_slope, bounds, out=out, evenly_spaced=self.quantizer.evenly_spaced)
 
     def diagnostics(self) -> dict[str, float]:
         return {"inv_slope": self.inv_slope, "gamma": self.gamma}

@@ -67,6 +67,7 @@ class TALR(STE):
         self.running_rate = torch.full((count,), self.initial_target, device=device)  # K_l
         self.scale = torch.ones(count, device=device)  # s_l (momentum rule)
         self.previous_indices: list[Tensor] = []
+        self.sizes = torch.tensor([p.numel() for p in self.params], dtype=torch.float32, device=device)
         self.target = self.initial_target
 
     def target_rate(self, t: int) -> float:
@@ -87,8 +88,10 @@ class TALR(STE):
         self.optimizer.step()
         for g, lr in zip(quant_groups, scheduled):
             g["lr"] = lr
-        for i, (p, w) in enumerate(zip(self.params, self.latent)):
-            p.sub_(w).mul_(self.step_size[i]).add_(w)  # p = w + U_l (p_lr1 - w)
+        weights = [p.detach() for p in self.params]  # p = w + U_l (p_lr1 - w), all tensors at once
+        torch._foreach_sub_(weights, self.latent)
+        torch._foreach_mul_(weights, list(self.step_size.unbind()))
+        torch._foreach_add_(weights, self.latent)
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> None:
@@ -96,10 +99,13 @@ class TALR(STE):
         t = self.steps - 1 - self.warmup_steps
         if t < 0:
             return
-        indices = [level_indices(self._rows(w), q) for w, q in zip(self.latent, self.levels)]
+        # level indices fit in uint8 (m <= 256): the previous step's cost a quarter of the weights' memory
+        evenly_spaced = self.quantizer.evenly_spaced
+        indices = [level_indices(w, q, b, evenly_spaced).to(torch.uint8)
+                   for w, q, b in zip(self.latent_rows, self.levels, self.bounds)]
         if self.previous_indices:
-            rate = torch.stack([(d != d_prev).float().mean() for d, d_prev in zip(indices, self.previous_indices)])
-            self.update(rate, self.target_rate(t))
+            changed = torch.stack([(d != d_prev).sum() for d, d_prev in zip(indices, self.previous_indices)])
+            self.update(changed / self.sizes, self.target_rate(t))
         self.previous_indices = indices
 
     def update(self, rate: Tensor, target: float) -> None:

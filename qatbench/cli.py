@@ -1,4 +1,4 @@
-"""`qatbench run | sweep | list | leaderboard`: the command line.
+"""`qatbench run | sweep | bench | list | leaderboard`: the command line.
 
 Every user error is printed as one line (`qatbench: error: ...`), never a traceback.
 """
@@ -6,6 +6,9 @@ Every user error is printed as one line (`qatbench: error: ...`), never a traceb
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
+import json
 import shlex
 import sys
 import tempfile
@@ -13,13 +16,15 @@ import warnings
 from pathlib import Path
 
 from . import leaderboard
+from .bench import bench, markdown
 from .errors import QatbenchError
-from .harness import RunSpec, resolve, run_all
+from .harness import RunSpec, resolve, resolve_device, run_all
 from .params import describe, parse_assignments
 from .quant import parse_bits
 from .registry import METHODS, TASKS, load_plugin_file
 from .results import load_records
 from .sweep import expand, load_sweep, shard, shared_method_args
+from .system import environment
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,6 +47,7 @@ def _build_parser() -> argparse.ArgumentParser:
     execution.add_argument("--no-download", action="store_true", help="never try to download a missing data set")
     execution.add_argument("--out", type=Path, default=Path("runs"), help="folder of run records (default: runs/)")
     execution.add_argument("--force", action="store_true", help="rerun runs whose record already exists")
+    _add_speed_options(execution)
     execution.add_argument("--shard", default=None, metavar="I/N",
                            help="run only every N-th run starting at the I-th (split a sweep over N processes)")
 
@@ -68,6 +74,24 @@ def _build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("file", type=Path, help="the sweep file")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and their record names, train nothing")
 
+    bench = sub.add_parser("bench", parents=[plugins], help="time each method's step against the FP step")
+    bench.add_argument("--task", required=True, help="task name")
+    bench.add_argument("--methods", nargs="+", default=None, help="methods (default: every registered one)")
+    bench.add_argument("--bits", default="2", help="bit width (default: 2)")
+    bench.add_argument("--granularity", default=None, help="channel | tensor (default: the task's)")
+    bench.add_argument("--quantizer", default=None, help="uniform | lsbq (default: the task's)")
+    bench.add_argument("--batch-size", type=int, default=None, help="override the paper recipe's batch size")
+    bench.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    _add_speed_options(bench)
+    bench.add_argument("--steps", type=int, default=50, help="timed steps per method per round (default: 50)")
+    bench.add_argument("--warmup", type=int, default=10, help="untimed steps per method first (default: 10)")
+    bench.add_argument("--rounds", type=int, default=5, help="rounds in which the methods take turns (default: 5)")
+    bench.add_argument("--data-root", type=Path, default=None, help="where the data set lies (searched first)")
+    bench.add_argument("--no-download", action="store_true", help="never try to download a missing data set")
+    bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder of bench records")
+
     lst = sub.add_parser("list", parents=[plugins], help="list methods and tasks with their options")
     lst.add_argument("what", nargs="?", default="all", help="methods | tasks | all")
 
@@ -76,6 +100,18 @@ def _build_parser() -> argparse.ArgumentParser:
     board.add_argument("-o", "--out", type=Path, default=None,
                        help="write <task>.md files and README.md here (default: print to stdout)")
     return parser
+
+
+def _add_speed_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", default="fp32", help="fp32 | bf16 (autocast; default: fp32)")
+    parser.add_argument("--compile", nargs="?", const="default", default="none", metavar="MODE",
+                        help="torch.compile the model: default | reduce-overhead (CUDA graphs) | max-autotune")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC memory order for conv nets")
+
+
+def _with_speed_options(specs: list[RunSpec], args: argparse.Namespace) -> list[RunSpec]:
+    return [dataclasses.replace(s, precision=args.precision, compile=args.compile, channels_last=args.channels_last)
+            for s in specs]
 
 
 def _specs(args: argparse.Namespace) -> list[RunSpec]:
@@ -111,6 +147,28 @@ def _cmd_run(specs: list[RunSpec], args: argparse.Namespace, argv: list[str]) ->
     failed = [r for r in records if r.status != "ok"]
     print(f"{len(records)} runs, {len(records) - len(failed)} ok; records in {args.out}/")
     return 1 if failed else 0
+
+
+def _cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
+    for name in ("steps", "warmup", "rounds"):
+        if getattr(args, name) < 1:
+            raise QatbenchError(f"--{name} {getattr(args, name)} must be >= 1")
+    methods = args.methods or METHODS.names()
+    specs = expand([args.task], shared_method_args(methods, parse_assignments(args.method_arg, "--method-arg")),
+                   [parse_bits(args.bits)], [0], task_args=parse_assignments(args.task_arg, "--task-arg"),
+                   scheme=args.quantizer, granularity=args.granularity, batch_size=args.batch_size, device=args.device)
+    specs = _with_speed_options(specs, args)
+    _check_writable(args.out)
+    rows = bench(specs, args.steps, args.warmup, args.rounds, args.data_root, not args.no_download)
+    table = markdown(rows)
+    print(table)
+    record = {"command": shlex.join(["qatbench", *argv]), "task": args.task, "environment": environment(
+        resolve_device(args.device)), "rows": [dataclasses.asdict(r) | {"met": r.met, "memory_met": r.memory_met} for r in rows], "markdown": table,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    path = args.out / f"{args.task}-{args.device.replace(':', '')}-{record['created'].replace(':', '')}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(f"record: {path}")
+    return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -162,11 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         for plugin in args.plugin:
             load_plugin_file(plugin)
         if args.command == "run":
-            return _cmd_run(_specs(args), args, argv)
+            return _cmd_run(_with_speed_options(_specs(args), args), args, argv)
         if args.command == "sweep":
-            return _cmd_run(load_sweep(args.file, args.device), args, argv)
+            return _cmd_run(_with_speed_options(load_sweep(args.file, args.device), args), args, argv)
         if args.command == "list":
             return _cmd_list(args)
+        if args.command == "bench":
+            return _cmd_bench(args, argv)
         return _cmd_leaderboard(args, argv)
     except QatbenchError as err:
         print(f"qatbench: error: {err}", file=sys.stderr)

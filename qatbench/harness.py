@@ -32,7 +32,9 @@ from .task import Recipe, Task
 
 Log = Callable[[str], None]
 FP_DIAGNOSTIC_BITS = 2  # levels a full-precision run's transition diagnostics are measured against
-TIMING_WARMUP_STEPS = 10  # steps excluded from the steady-state step time (allocator, caches, compile)
+TIMING_WARMUP_STEPS = 10
+PRECISIONS = ("fp32", "bf16")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # steps excluded from the steady-state step time (allocator, caches, compile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,9 @@ class RunSpec:
     lr: float | None = None
     device: str = "cpu"
     init: str | None = None  # a full-precision checkpoint (state dict) to start from
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the forward and loss; evaluation stays fp32)
+    compile: str = "none"  # torch.compile mode of the model: none | default | reduce-overhead | max-autotune
+    channels_last: bool = False  # conv weights and image batches in NHWC memory order
 
 
 @dataclasses.dataclass
@@ -114,6 +119,8 @@ def resolve(spec: RunSpec) -> ResolvedRun:
     bits = spec.bits if method_cls.quantizes else FP_DIAGNOSTIC_BITS
     quantizer = QuantizerConfig(bits=bits, scheme=scheme, granularity=granularity)
     device = resolve_device(spec.device)
+    check_choice("precision", spec.precision, PRECISIONS)
+    check_choice("compile mode", spec.compile, COMPILE_MODES)
     init = _checkpoint_identity(spec.init) if spec.init else None
     identity = {
         "method": method_cls.name,
@@ -126,6 +133,9 @@ def resolve(spec: RunSpec) -> ResolvedRun:
         "seed": spec.seed,
         "device_type": device.type,
         "init": init,
+        "precision": spec.precision,
+        "compile": spec.compile,
+        "channels_last": spec.channels_last,
     }
     return ResolvedRun(spec, method_cls, method_config, task, recipe, quantizer, device, identity, identity_hash(identity))
 
@@ -148,6 +158,44 @@ def _load_checkpoint(model: torch.nn.Module, path: str, task: str, device: torch
     if missing or unexpected:
         raise QatbenchError(f"checkpoint {path!r} does not fit task {task!r}: {len(missing)} missing keys "
                             f"({', '.join(missing[:3])}...), {len(unexpected)} unexpected ({', '.join(unexpected[:3])}...)")
+
+
+def loss_function(run: ResolvedRun, model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The batch loss under the run's speed options: channels-last memory, bf16 autocast, torch.compile.
+
+    The methods keep acting on `model`'s own parameters; a compiled model reads them on
+    every call, so in-place updates between steps are seen."""
+    spec = run.spec
+    if spec.channels_last:
+        model.to(memory_format=torch.channels_last)
+    forward = model if spec.compile == "none" else torch.compile(model, mode=spec.compile)
+    bf16 = spec.precision == "bf16"
+
+    def compute_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if spec.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return run.task.loss(forward(inputs), targets)
+
+    return compute_loss
+
+
+def train_step(compute_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], method: Method,
+               inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One step: forward and backward at the model's current weights, then the method's step.
+
+    The closure re-evaluates this batch's loss at whatever weights the method has set,
+    forward only (FOGZO's probes)."""
+    loss = compute_loss(inputs, targets)
+    loss.backward()
+
+    def closure() -> torch.Tensor:
+        with torch.no_grad():
+            return compute_loss(inputs, targets)
+
+    method.step(closure)
+    method.zero_grad()
+    return loss
 
 
 def _seed_everything(seed: int) -> None:
@@ -181,6 +229,7 @@ def _train(run: ResolvedRun, record: RunRecord, data_root: Path | None, download
     model = task.build_model().to(device)
     if run.spec.init:
         _load_checkpoint(model, run.spec.init, task.name, device)
+    compute_loss = loss_function(run, model)
     optimizer = recipe.make_optimizer(task.param_groups(model))
     steps_per_epoch = len(data.train)
     if steps_per_epoch == 0:
@@ -204,16 +253,8 @@ def _train(run: ResolvedRun, record: RunRecord, data_root: Path | None, download
                 timing["warmup_s"] = time.perf_counter() - start
                 epoch_start = time.perf_counter()
                 steady_steps -= step - epoch * steps_per_epoch
-            loss = task.loss(model(inputs), targets)
-            loss.backward()
-
-            def closure() -> torch.Tensor:
-                with torch.no_grad():
-                    return task.loss(model(inputs), targets)
-
-            method.step(closure)
+            loss = train_step(compute_loss, method, inputs, targets)
             monitor.after_step()
-            method.zero_grad()
             scheduler.step()
             loss_sum += loss.detach()
             step += 1

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .params import NoConfig, param
-from .quant import QuantizerConfig, as_rows, estimate_levels, hard_quantize
+from .quant import QuantizerConfig, as_rows, estimate_levels, hard_quantize, midpoints
 from .schedules import resolve_point
 
 Closure = Callable[[], Tensor]
@@ -97,6 +97,11 @@ class ProxMethod(Method):
     taken at the quantized/relaxed weights; (3) save `w <- p`; (4) every
     `quant_period` steps re-estimate Q from `w`; (5) set `p <- prox(w, Q, t)`.
     STE, BinaryRelax and PARQ differ only in `prox`.
+
+    Cost: the copies of (1) and (3) are one `torch._foreach_copy_` each over all
+    tensors; the level tables and their midpoints are computed at refresh only; `prox`
+    writes straight into the model's weights. Memory: one latent copy of the quantized
+    weights plus the level tables.
     """
 
     Config: ClassVar[type] = ProxConfig
@@ -106,16 +111,21 @@ class ProxMethod(Method):
         assert quantizer is not None, "a quantizing method needs a quantizer"
         self.warmup_steps = resolve_point(config.warmup, total_steps, "warmup")
         self.params = self.quantized_params()
+        self.weights = [p.detach() for p in self.params]  # the model's weights, as plain tensors
+        self.param_rows = [self._rows(p) for p in self.params]  # their row views
         self.latent: list[Tensor] = []
+        self.latent_rows: list[Tensor] = []
         self.levels: list[Tensor] = []
+        self.bounds: list[Tensor] = []  # midpoints of the levels, cached between refreshes
 
     # -- the proximal map ------------------------------------------------------------
     @abstractmethod
-    def prox(self, latent: Tensor, levels: Tensor, t: int) -> Tensor:
-        """The model weights for latent rows `latent` and levels `levels` at training step `t`.
+    def prox(self, latent: Tensor, levels: Tensor, bounds: Tensor, t: int, out: Tensor) -> None:
+        """Write the model weights for latent rows `latent` into `out`, at training step `t`.
 
-        `t` counts from the start of training, warm-up included, as the PARQ reference's
-        `step_count`, so schedule points mean the same with or without a warm-up."""
+        `levels` are the rows' level table, `bounds` its midpoints. `t` counts from the
+        start of training, warm-up included, as the PARQ reference's `step_count`, so
+        schedule points mean the same with or without a warm-up."""
 
     def prox_input(self, latent: Tensor) -> Tensor:
         """What the levels are estimated from and `prox` acts on (PARQ may shrink it)."""
@@ -138,7 +148,17 @@ class ProxMethod(Method):
 
     # -- the step ----------------------------------------------------------------------
     def _rows(self, p: Tensor) -> Tensor:
-        return as_rows(p.data, self.quantizer.granularity)
+        return as_rows(p.detach(), self.quantizer.granularity)
+
+    def _start_qat(self) -> None:
+        """Keep the latent weights: a copy of the model's weights when QAT starts."""
+        self.latent = [p.detach().clone() for p in self.params]
+        self.latent_rows = [self._rows(w) for w in self.latent]
+
+    def refresh_levels(self) -> None:
+        """Re-estimate every tensor's level table (and its midpoints) from the latent weights."""
+        self.levels = [estimate_levels(self.prox_input(w), self.quantizer) for w in self.latent_rows]
+        self.bounds = [midpoints(q) for q in self.levels]
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> None:
@@ -147,42 +167,41 @@ class ProxMethod(Method):
             self.optimizer.step()
         else:
             if not self.latent:  # first QAT step: the model still holds the latent weights
-                self.latent = [p.detach().clone() for p in self.params]
+                self._start_qat()
             else:
                 self.estimate_gradients(closure)
-            for p, w in zip(self.params, self.latent):
-                p.copy_(w)
+            torch._foreach_copy_(self.weights, self.latent)
             self.base_step()
             self.on_base_step()
-            refresh = self.refresh_due(t)
-            for i, (p, w) in enumerate(zip(self.params, self.latent)):
-                w.copy_(p)
-                source = self.prox_input(self._rows(w))
-                if refresh:
-                    levels = estimate_levels(source, self.quantizer)
-                    if i < len(self.levels):
-                        self.levels[i] = levels
-                    else:
-                        self.levels.append(levels)
-                self._rows(p).copy_(self.prox(source, self.levels[i], self.steps))
+            torch._foreach_copy_(self.latent, self.weights)
+            if self.refresh_due(t):
+                self.refresh_levels()
+            for w, levels, bounds, out in zip(self.latent_rows, self.levels, self.bounds, self.param_rows):
+                self.prox(self.prox_input(w), levels, bounds, self.steps, out)
         self.steps += 1
 
     @torch.no_grad()
     def finalize(self) -> None:
         """Hard-quantize: `p <- Q[nearest(w)]` with the levels the model trained with."""
         if not self.latent:  # QAT never started (training shorter than the warm-up)
-            self.latent = [p.detach().clone() for p in self.params]
-            self.levels = [estimate_levels(self._rows(w), self.quantizer) for w in self.latent]
-        for p, w, levels in zip(self.params, self.latent, self.levels):
-            self._rows(p).copy_(hard_quantize(self.prox_input(self._rows(w)), levels))
+            self._start_qat()
+            self.refresh_levels()
+        for w, levels, bounds, out in zip(self.latent_rows, self.levels, self.bounds, self.param_rows):
+            self.hard_quantize(self.prox_input(w), levels, bounds, out=out)
+
+    def hard_quantize(self, rows: Tensor, levels: Tensor, bounds: Tensor, out: Tensor | None = None) -> Tensor:
+        """`Q[nearest(w)]` by the fastest exact route for this quantizer's levels."""
+        return hard_quantize(rows, levels, bounds, out=out, evenly_spaced=self.quantizer.evenly_spaced)
 
     def quantization_state(self) -> list[tuple[Tensor, Tensor]]:
-        return [(self.prox_input(self._rows(w)), q) for w, q in zip(self.latent, self.levels)]
+        return [(self.prox_input(w), q) for w, q in zip(self.latent_rows, self.levels)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "latent": self.latent, "levels": self.levels}
+        return {**super().state_dict(), "latent": self.latent, "levels": self.levels, "bounds": self.bounds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.latent = [w.clone() for w in state["latent"]]
+        self.latent_rows = [self._rows(w) for w in self.latent]
         self.levels = [q.clone() for q in state["levels"]]
+        self.bounds = [midpoints(q) for q in self.levels]

@@ -86,9 +86,18 @@ class QuantizerConfig:
     def num_levels(self) -> int:
         return num_levels(self.bits)
 
+    @property
+    def evenly_spaced(self) -> bool:
+        """Uniform levels (ternary included) are a grid with a positive step: closed-form rounding applies."""
+        return self.scheme == "uniform"
+
 
 def as_rows(weight: Tensor, granularity: str) -> Tensor:
-    """A 2-D view of `weight`: `(out_channels, rest)` per channel, `(1, numel)` per tensor."""
+    """A 2-D *view* of `weight` (writes reach the weight): `(out_channels, rest)` per channel,
+    `(1, numel)` per tensor. A channels-last conv weight is viewed in its memory order
+    (out, h, w, in), which keeps each output channel in one row."""
+    if weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        weight = weight.permute(0, 2, 3, 1)
     if granularity == "channel" and weight.dim() > 1:
         return weight.view(weight.shape[0], -1)
     return weight.view(1, -1)
@@ -137,15 +146,38 @@ def estimate_levels(rows: Tensor, config: QuantizerConfig) -> Tensor:
         return uniform_levels(rows, config.bits, config.scale_method)
 
 
-def level_indices(rows: Tensor, levels: Tensor) -> Tensor:
-    """Integer index of the nearest level of every weight, `(rows, cols)` int64."""
-    midpoints = (levels[:, 1:] + levels[:, :-1]) / 2
-    return torch.searchsorted(midpoints.contiguous(), rows.contiguous())
+def midpoints(levels: Tensor) -> Tensor:
+    """Decision boundaries between neighbouring levels, `(rows, m - 1)`, contiguous."""
+    return ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
 
 
-def hard_quantize(rows: Tensor, levels: Tensor) -> Tensor:
-    """Nearest level of every weight: `Q[searchsorted(midpoints(Q), w)]`."""
-    return levels.gather(1, level_indices(rows, levels))
+def grid_index(rows: Tensor, levels: Tensor) -> Tensor:
+    """For evenly spaced levels `q_k = q_1 + k s` (`s > 0`): `clamp(round((w - q_1) / s), 0, m - 1)`,
+    the nearest level's index as floats, in a few elementwise kernels instead of a binary search.
+    A weight within a rounding error of a midpoint may go to either neighbour."""
+    first, step = levels[:, :1], levels[:, 1:2] - levels[:, :1]
+    return (rows - first).div_(step).round_().clamp_(0, levels.shape[1] - 1)
+
+
+def level_indices(rows: Tensor, levels: Tensor, bounds: Tensor | None = None, evenly_spaced: bool = False) -> Tensor:
+    """Integer index of the nearest level of every weight, `(rows, cols)` int64.
+
+    `bounds` are `midpoints(levels)`, which methods cache between level refreshes;
+    `evenly_spaced` takes the closed form of `grid_index`."""
+    if evenly_spaced:
+        return grid_index(rows, levels).long()
+    return torch.searchsorted(midpoints(levels) if bounds is None else bounds, rows.contiguous())
+
+
+def hard_quantize(rows: Tensor, levels: Tensor, bounds: Tensor | None = None, out: Tensor | None = None,
+                  evenly_spaced: bool = False) -> Tensor:
+    """Nearest level of every weight, `Q[searchsorted(midpoints(Q), w)]` (a weight exactly on a
+    midpoint goes down), written into `out` when given; with `evenly_spaced`,
+    `q_1 + s grid_index(w)`."""
+    if evenly_spaced:
+        first, step = levels[:, :1], levels[:, 1:2] - levels[:, :1]
+        return torch.addcmul(first, grid_index(rows, levels), step, out=out)
+    return torch.gather(levels, 1, level_indices(rows, levels, bounds), out=out)
 
 
 def distinct_per_row(rows: Tensor) -> Tensor:

@@ -46,6 +46,12 @@ def make_idx_dataset(folder: Path, num_train: int = 512, num_test: int = 256, se
     return folder
 
 
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test starts from the same global RNG state, so none depends on test order or luck."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def idx_root(tmp_path: Path) -> Path:
     """A folder holding a tiny data set in the MNIST IDX format."""

@@ -16,18 +16,20 @@ class _Stub:
         return [(self.rows, LEVELS)]
 
 
-def test_rate_is_the_mean_fraction_of_weights_changing_level_per_step():
+def test_rate_is_the_mean_fraction_of_weights_changing_level_over_sampled_step_pairs():
     method = _Stub()
-    monitor = TransitionMonitor(method)
-    monitor.after_step()  # indices [0, 0, 1, 1]
-    method.rows = torch.tensor([[-0.5, 0.2, 0.3, 0.9]])
-    monitor.after_step()  # one of four changed
-    method.rows = torch.tensor([[0.5, -0.2, -0.3, 0.9]])
-    monitor.after_step()  # three of four changed
+    monitor = TransitionMonitor(method, period=2)
+    for rows in ([[-0.5, -0.2, 0.3, 0.9]],  # step 0, kept: indices [0, 0, 1, 1]
+                 [[-0.5, 0.2, 0.3, 0.9]],   # step 1: one of four changed
+                 [[0.5, 0.2, 0.3, 0.9]],    # step 2, kept (the change from step 1 is not sampled)
+                 [[0.5, -0.2, -0.3, 0.9]]):  # step 3: two of four changed
+        method.rows = torch.tensor(rows)
+        monitor.after_step()
     summary = monitor.epoch_summary()
-    assert summary["transition_rate"] == pytest.approx((1 + 3) / (2 * 4))
+    assert summary["transition_rate"] == pytest.approx((1 + 2) / (2 * 4)) and summary["transition_pairs"] == 2
     # distances to the nearest of +-1: 0.5, 0.8, 0.7, 0.1
     assert summary["distance_to_levels"] == pytest.approx((0.5 + 0.8 + 0.7 + 0.1) / 4)
+    monitor.after_step()
     monitor.after_step()
     assert monitor.epoch_summary()["transition_rate"] == 0.0  # the count restarts each epoch
 

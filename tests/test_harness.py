@@ -144,3 +144,21 @@ def test_cuda_run_records_peak_gpu_memory(idx_root, isolated_data_env):
     assert record.status == "ok" and record.exactness["passed"] is True
     assert record.memory["peak_allocated_mb"] > 0 and record.memory["peak_reserved_mb"] >= record.memory["peak_allocated_mb"]
     assert record.environment["cuda"] is not None
+
+
+@pytest.mark.parametrize("options", [{"precision": "bf16"}, {"compile": "default"}])
+def test_speed_options_train_to_an_exactly_quantized_model(options, idx_root, isolated_data_env):
+    record = execute(_run(**options), data_root=idx_root, download=False, log=_quiet)
+    assert record.status == "ok" and record.exactness["passed"] is True
+    assert record.spec["precision"] == options.get("precision", "fp32")
+    assert record.spec["compile"] == options.get("compile", "none")
+    assert record.timing["warmup_s"] > 0  # compilation is charged to the warm-up, not the steady state
+
+
+def test_speed_options_change_the_identity_and_bad_values_are_rejected():
+    assert _run(precision="bf16").run_id != _run().run_id
+    assert _run(channels_last=True).run_id != _run().run_id
+    with pytest.raises(QatbenchError, match="unknown precision 'fp8'"):
+        _run(precision="fp8")
+    with pytest.raises(QatbenchError, match="did you mean 'reduce-overhead'"):
+        _run(compile="reduce_overhead")

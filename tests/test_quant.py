@@ -83,7 +83,7 @@ def test_distinct_per_row():
 
 
 def test_exactness_passes_on_quantized_and_catches_one_extra_value():
-    weight = torch.randn(4, 6)
+    weight = torch.tensor([[1.0, -2.0, 3.0, -4.0, 5.0, -6.0]]).repeat(4, 1)  # both signs in every row
     rows = as_rows(weight, "channel")
     quantized = hard_quantize(rows, estimate_levels(rows, QuantizerConfig(bits=1))).view(4, 6)
     assert check_exact("w", quantized, "channel", 1).ok
@@ -112,3 +112,21 @@ def test_hard_quantized_tensor_is_exact_for_every_scheme(scheme, bits):
 def test_quantizer_config_rejects_bad_bits():
     with pytest.raises(QatbenchError, match="invalid bits 9"):
         QuantizerConfig(bits=9)
+
+
+def test_rows_of_a_channels_last_weight_are_views_of_whole_output_channels():
+    weight = torch.randn(8, 3, 3, 3).to(memory_format=torch.channels_last)
+    rows = as_rows(weight, "channel")
+    assert rows.shape == (8, 27) and rows.data_ptr() == weight.data_ptr()
+    rows[2].fill_(7.0)
+    assert (weight[2] == 7.0).all() and (weight[3] != 7.0).any()
+
+
+@pytest.mark.parametrize("bits", [1, 2, TERNARY, 4])
+def test_closed_form_rounding_agrees_with_the_binary_search_on_uniform_levels(bits):
+    torch.manual_seed(0)
+    rows = torch.randn(32, 100)
+    levels = uniform_levels(rows, bits)
+    indices = level_indices(rows, levels)
+    assert torch.equal(level_indices(rows, levels, evenly_spaced=True), indices)
+    torch.testing.assert_close(hard_quantize(rows, levels, evenly_spaced=True), levels.gather(1, indices))

@@ -76,3 +76,11 @@ def test_after_anneal_end_the_model_is_exactly_quantized(make_method):
         method.step()
     assert all(len(row.unique()) <= 4 for row in p.data)
     assert method.diagnostics()["inv_slope"] == 0.0
+
+
+@pytest.mark.parametrize("rho", [0.7, 0.3, 0.05])
+def test_closed_form_for_evenly_spaced_levels_matches_the_general_prox(rho):
+    torch.manual_seed(0)
+    w = 2 * torch.randn(6, 50)
+    levels = torch.linspace(-1.5, 1.5, 4)[None] * torch.rand(6, 1).add(0.5)
+    torch.testing.assert_close(parq_prox(w, levels, rho, evenly_spaced=True), parq_prox(w, levels, rho))

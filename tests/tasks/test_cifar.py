@@ -81,3 +81,9 @@ def test_fp_checkpoint_starts_a_qat_run(cifar_root, isolated_data_env, tmp_path,
     capsys.readouterr()
     assert main(["run", "--method", "ste", "--bits", "2", "--init", str(tmp_path / "none.pt"), *base]) == 2
     assert "no such checkpoint file" in capsys.readouterr().err
+
+
+def test_channels_last_run_quantizes_the_nhwc_weights_exactly(cifar_root, isolated_data_env, tmp_path):
+    record = smoke_run(tmp_path, "--method", "ste", "--task", "cifar10-resnet20", "--bits", "2", "--batch-size", "16",
+                       "--granularity", "channel", "--channels-last", "--data-root", str(cifar_root))
+    assert record["spec"]["channels_last"] is True
