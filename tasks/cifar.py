@@ -106,6 +106,23 @@ def read_cifar_batches(folder: Path, names: list[str]) -> tuple[Tensor, Tensor]:
     return torch.cat(images), torch.cat(labels)
 
 
+def write_cifar_batches(folder: Path, images: Tensor, labels: Tensor, test_size: int) -> Path:
+    """Write `images` `(N, 3, 32, 32)` uint8 and `labels` as CIFAR-10's python layout:
+    `folder/cifar-10-batches-py/data_batch_1..5` (the first N - test_size, split in five)
+    and `test_batch` (the last test_size). The inverse of `read_cifar_batches`."""
+    batches = folder / "cifar-10-batches-py"
+    batches.mkdir(parents=True, exist_ok=True)
+    train = len(labels) - test_size
+    bounds = [round(i * train / 5) for i in range(6)]
+    parts = [(f"data_batch_{i + 1}", slice(bounds[i], bounds[i + 1])) for i in range(5)]
+    for name, part in parts + [("test_batch", slice(train, None))]:
+        record = {b"batch_label": name.encode(), b"labels": labels[part].tolist(),
+                  b"data": images[part].reshape(-1, 3072).numpy()}
+        with open(batches / name, "wb") as f:
+            pickle.dump(record, f)
+    return folder
+
+
 class CifarTask(Task):
     """CIFAR-10 (python pickle batches) with a CIFAR ResNet; option-A shortcuts (no parameters).
 

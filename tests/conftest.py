@@ -66,22 +66,17 @@ def isolated_data_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def make_cifar_batches(folder: Path, per_batch: int = 20, test_size: int = 40, seed: int = 0) -> Path:
-    """CIFAR-10's python layout: cifar-10-batches-py/data_batch_1..5 and test_batch, pickled dicts."""
-    import pickle
+    """CIFAR-10's python layout (cifar-10-batches-py/data_batch_1..5, test_batch) holding a
+    learnable toy problem: each class brightens one colour channel."""
+    from qatbench.tasks.cifar import write_cifar_batches
 
-    batches = folder / "cifar-10-batches-py"
-    batches.mkdir(parents=True, exist_ok=True)
+    n = 5 * per_batch + test_size
     generator = torch.Generator().manual_seed(seed)
-    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", test_size)]:
-        labels = torch.randint(0, 10, (n,), generator=generator)
-        images = torch.randint(0, 256, (n, 3, 32, 32), generator=generator, dtype=torch.uint8)
-        for i, label in enumerate(labels.tolist()):  # a class-dependent bright channel makes it learnable
-            images[i, label % 3] = images[i, label % 3] // 4 + 190
-        record = {b"batch_label": name.encode(), b"labels": labels.tolist(),
-                  b"data": images.reshape(n, -1).numpy(), b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
-        with open(batches / name, "wb") as f:
-            pickle.dump(record, f)
-    return folder
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    images = torch.randint(0, 256, (n, 3, 32, 32), generator=generator, dtype=torch.uint8)
+    for i, label in enumerate(labels.tolist()):
+        images[i, label % 3] = images[i, label % 3] // 4 + 190
+    return write_cifar_batches(folder, images, labels, test_size)
 
 
 def make_image_folder(root: Path, classes: int = 3, per_class_train: int = 4, per_class_val: int = 2,
