@@ -98,7 +98,7 @@ def _build(run: ResolvedRun, total_steps: int) -> _Contender:
 
 
 def _step(contender: _Contender, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-    train_step(contender.compute_loss, contender.method, inputs, targets)
+    train_step(contender.compute_loss, contender.method, inputs, targets, contender.run.recipe.grad_clip)
 
 
 def _refresh_ms(contender: _Contender, repeats: int = 20) -> float | None:

@@ -103,7 +103,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_speed_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--precision", default="fp32", help="fp32 | bf16 (autocast; default: fp32)")
+    parser.add_argument("--precision", default="auto",
+                        help="fp32 | bf16 (autocast) | auto: the recipe's choice on CUDA, fp32 on CPU (default)")
     parser.add_argument("--compile", nargs="?", const="default", default="none", metavar="MODE",
                         help="torch.compile the model: default | reduce-overhead (CUDA graphs) | max-autotune")
     parser.add_argument("--channels-last", action="store_true", help="NHWC memory order for conv nets")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import itertools
 import math
 import random
 import time
@@ -33,7 +34,7 @@ from .task import Recipe, Task
 Log = Callable[[str], None]
 FP_DIAGNOSTIC_BITS = 2  # levels a full-precision run's transition diagnostics are measured against
 TIMING_WARMUP_STEPS = 10
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # steps excluded from the steady-state step time (allocator, caches, compile)
 
 
@@ -55,7 +56,7 @@ class RunSpec:
     lr: float | None = None
     device: str = "cpu"
     init: str | None = None  # a full-precision checkpoint (state dict) to start from
-    precision: str = "fp32"  # fp32 | bf16 (autocast of the forward and loss; evaluation stays fp32)
+    precision: str = "auto"  # auto (the recipe's choice for the device) | fp32 | bf16 (autocast; evaluation stays fp32)
     compile: str = "none"  # torch.compile mode of the model: none | default | reduce-overhead | max-autotune
     channels_last: bool = False  # conv weights and image batches in NHWC memory order
 
@@ -73,6 +74,11 @@ class ResolvedRun:
     device: torch.device
     identity: dict[str, Any]
     run_id: str
+
+    @property
+    def precision(self) -> str:
+        """The resolved precision: fp32 or bf16."""
+        return self.identity["precision"]
 
     @property
     def bits(self) -> int | None:
@@ -133,7 +139,8 @@ def resolve(spec: RunSpec) -> ResolvedRun:
         "seed": spec.seed,
         "device_type": device.type,
         "init": init,
-        "precision": spec.precision,
+        "precision": spec.precision if spec.precision != "auto" else (
+            recipe.cuda_precision if device.type == "cuda" else "fp32"),
         "compile": spec.compile,
         "channels_last": spec.channels_last,
     }
@@ -169,7 +176,7 @@ def loss_function(run: ResolvedRun, model: torch.nn.Module) -> Callable[[torch.T
     if spec.channels_last:
         model.to(memory_format=torch.channels_last)
     forward = model if spec.compile == "none" else torch.compile(model, mode=spec.compile)
-    bf16 = spec.precision == "bf16"
+    bf16 = run.precision == "bf16"
 
     def compute_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if spec.channels_last and inputs.dim() == 4:
@@ -181,13 +188,17 @@ def loss_function(run: ResolvedRun, model: torch.nn.Module) -> Callable[[torch.T
 
 
 def train_step(compute_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], method: Method,
-               inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """One step: forward and backward at the model's current weights, then the method's step.
+               inputs: torch.Tensor, targets: torch.Tensor, grad_clip: float = 0.0) -> torch.Tensor:
+    """One step: forward and backward at the model's current weights, optional gradient-norm
+    clipping, then the method's step.
 
     The closure re-evaluates this batch's loss at whatever weights the method has set,
     forward only (FOGZO's probes)."""
     loss = compute_loss(inputs, targets)
     loss.backward()
+    if grad_clip > 0:
+        params = [p for group in method.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
 
     def closure() -> torch.Tensor:
         with torch.no_grad():
@@ -231,7 +242,7 @@ def _train(run: ResolvedRun, record: RunRecord, data_root: Path | None, download
         _load_checkpoint(model, run.spec.init, task.name, device)
     compute_loss = loss_function(run, model)
     optimizer = recipe.make_optimizer(task.param_groups(model))
-    steps_per_epoch = len(data.train)
+    steps_per_epoch = min(len(data.train), recipe.epoch_steps or len(data.train))
     if steps_per_epoch == 0:
         raise QatbenchError(f"batch size {recipe.batch_size} exceeds the {data.num_train} training examples")
     total_steps = recipe.epochs * steps_per_epoch
@@ -247,13 +258,13 @@ def _train(run: ResolvedRun, record: RunRecord, data_root: Path | None, download
         model.train()
         loss_sum = torch.zeros((), device=device)
         epoch_start = time.perf_counter()
-        for inputs, targets in data.train:
+        for inputs, targets in itertools.islice(data.train, steps_per_epoch):
             if step == timing["warmup_steps"]:
                 _sync(device)
                 timing["warmup_s"] = time.perf_counter() - start
                 epoch_start = time.perf_counter()
                 steady_steps -= step - epoch * steps_per_epoch
-            loss = train_step(compute_loss, method, inputs, targets)
+            loss = train_step(compute_loss, method, inputs, targets, recipe.grad_clip)
             monitor.after_step()
             scheduler.step()
             loss_sum += loss.detach()

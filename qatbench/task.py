@@ -35,6 +35,10 @@ class Recipe:
     lr_decay: float = 0.1
     warmup_epochs: float = 0.0  # linear warm-up of the LR from 0
     min_lr: float = 0.0  # where a cosine schedule ends
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's
+    grad_clip: float = 0.0  # clip the gradient norm of all parameters to this (0: no clipping)
+    cuda_precision: Literal["fp32", "bf16"] = "fp32"  # autocast on CUDA unless the run says otherwise
+    epoch_steps: int = 0  # cap on the training steps of an epoch (0: the whole split); smoke recipes use it
     final_hold_epochs: int = 0  # a cosine schedule reaches min_lr this many epochs before the end and stays there
 
     def with_overrides(self, epochs: int | None, batch_size: int | None, lr: float | None) -> Recipe:
@@ -49,13 +53,16 @@ class Recipe:
                     "step": f"LR x{self.lr_decay:g} at epochs {', '.join(map(str, self.milestones))}",
                     "constant": "constant LR"}[self.lr_schedule]
         warmup = f", {self.warmup_epochs:g} warm-up epochs" if self.warmup_epochs else ""
-        return (f"{optimizer}, wd {self.weight_decay:g}, batch {self.batch_size}, {self.epochs} epochs, "
-                f"{schedule}{warmup}")
+        clip = f", gradient norm clipped at {self.grad_clip:g}" if self.grad_clip else ""
+        cuda = ", bf16 autocast on CUDA" if self.cuda_precision == "bf16" else ""
+        epochs = f"{self.epochs} epochs" + (f" of at most {self.epoch_steps} steps" if self.epoch_steps else "")
+        return (f"{optimizer}, wd {self.weight_decay:g}, batch {self.batch_size}, {epochs}, "
+                f"{schedule}{warmup}{clip}{cuda}")
 
     def make_optimizer(self, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         groups = [{"weight_decay": self.weight_decay, **g} for g in param_groups]
         if self.optimizer == "adamw":
-            return torch.optim.AdamW(groups, lr=self.lr)
+            return torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
         return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
 
     def lr_factor(self, step: int, steps_per_epoch: int) -> float:

@@ -136,7 +136,7 @@ class CifarTask(Task):
 
     Recipes: `paper` as the PARQ paper (SGD 0.1, momentum 0.9, wd 2e-4, batch 128,
     200 epochs, LR /10 at epochs 80, 120, 150); `short` 30 epochs with cosine decay;
-    `smoke` one epoch at batch 32.
+    `smoke` 20 steps at batch 32.
     """
 
     Config = NoConfig
@@ -144,7 +144,7 @@ class CifarTask(Task):
     default_scheme = "lsbq"  # the PARQ paper's CIFAR runs: greedy LSBQ levels, per tensor
     default_granularity = "tensor"
     recipes = {
-        "smoke": Recipe(epochs=1, batch_size=32, lr=0.1, weight_decay=2e-4, lr_schedule="constant"),
+        "smoke": Recipe(epochs=1, batch_size=32, lr=0.1, weight_decay=2e-4, lr_schedule="constant", epoch_steps=20),
         "short": Recipe(epochs=30, batch_size=128, lr=0.1, weight_decay=2e-4),
         "paper": Recipe(epochs=200, batch_size=128, lr=0.1, weight_decay=2e-4, lr_schedule="step",
                         milestones=(80, 120, 150)),

@@ -51,14 +51,15 @@ class DeiTTask(Task):
     with soft-target cross-entropy; evaluation on the center crop (crop 0.875) with hard
     labels. Recipe `paper`: AdamW 5e-4, wd 0.05 (none on norms, biases and tokens),
     batch 512, 300 epochs, 5 warm-up epochs, cosine to 1e-8 reached 20 epochs before the
-    end and held there (PARQ's DeiT setting); `short` 30 epochs; `smoke` one epoch at batch 8.
+    end and held there (PARQ's DeiT setting); `short` 30 epochs; `smoke` 10 steps at batch 8.
     """
 
     Config = DeiTConfig
     arch: ClassVar[str] = "deit_tiny_patch16_224"
     default_granularity = "channel"
     recipes = {
-        "smoke": Recipe(epochs=1, batch_size=8, lr=5e-4, optimizer="adamw", weight_decay=0.05, lr_schedule="constant"),
+        "smoke": Recipe(epochs=1, batch_size=8, lr=5e-4, optimizer="adamw", weight_decay=0.05, lr_schedule="constant",
+                        epoch_steps=10),
         "short": Recipe(epochs=30, batch_size=512, lr=5e-4, optimizer="adamw", weight_decay=0.05, warmup_epochs=2,
                         min_lr=1e-8, final_hold_epochs=2),
         "paper": Recipe(epochs=300, batch_size=512, lr=5e-4, optimizer="adamw", weight_decay=0.05, warmup_epochs=5,

@@ -69,7 +69,7 @@ class ImageNetResNet(Task):
     included, as in the PARQ reference); biases and BatchNorm stay full precision.
     Training: RandomResizedCrop + horizontal flip; evaluation: resize to 256/224 of the
     crop, center crop. Recipes: `paper` (SGD 0.1, momentum 0.9, wd 1e-4, batch 256,
-    90 epochs, LR /10 every 30); `short` 16 epochs, cosine; `smoke` one epoch at batch 8.
+    90 epochs, LR /10 every 30); `short` 16 epochs, cosine; `smoke` 10 steps at batch 8.
     The PARQ paper fine-tunes from a full-precision model: pass `--init` the checkpoint
     that a `--method fp` run of this task wrote.
     """
@@ -77,7 +77,7 @@ class ImageNetResNet(Task):
     Config = ImageFolderConfig
     arch: ClassVar[str] = "resnet18"
     recipes = {
-        "smoke": Recipe(epochs=1, batch_size=8, lr=0.1, weight_decay=1e-4, lr_schedule="constant"),
+        "smoke": Recipe(epochs=1, batch_size=8, lr=0.1, weight_decay=1e-4, lr_schedule="constant", epoch_steps=10),
         "short": Recipe(epochs=16, batch_size=256, lr=0.1, weight_decay=1e-4),
         "paper": Recipe(epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4, lr_schedule="step",
                         milestones=(30, 60)),

@@ -96,7 +96,7 @@ def make_image_folder(root: Path, classes: int = 3, per_class_train: int = 4, pe
 
 
 def smoke_run(tmp_path: Path, *argv: str) -> dict:
-    """`qatbench run ARGV --recipe smoke --no-download --out TMP`, asserting one finished, exactly quantized record."""
+    """`qatbench run ARGV --recipe smoke --no-download --out TMP`: one finished record, exactly quantized unless fp."""
     import json
 
     from qatbench.cli import main
@@ -105,5 +105,6 @@ def smoke_run(tmp_path: Path, *argv: str) -> dict:
     assert main(["run", *argv, "--recipe", "smoke", "--no-download", "--out", str(out)]) == 0
     [path] = out.rglob("*.json")
     record = json.loads(path.read_text())
-    assert record["status"] == "ok" and record["exactness"]["passed"] is True
+    assert record["status"] == "ok"
+    assert record["exactness"]["passed"] is (None if record["bits"] is None else True)  # fp has nothing to check
     return record

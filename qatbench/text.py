@@ -1,0 +1,150 @@
+"""Text corpora for language-model tasks: find, read, tokenize once, cache as a flat token tensor.
+
+A corpus is a `.txt` file, a folder of `.txt` files (read in name order), or a Hugging Face
+`datasets` dataset saved with `save_to_disk` (a `text` column; its `validation` or `test`
+split is the held-out text when present). Tokens are cached under
+`~/.cache/qatbench/tokens/`, keyed by the files' names, sizes and modification times and
+by the tokenizer, so a corpus is tokenized once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .data import default_cache_dir
+from .errors import QatbenchError
+
+HOW_TO_GET_TEXT = (
+    "Pass --data-root CORPUS: a .txt file, a folder of .txt files, or a `datasets` dataset saved with "
+    "save_to_disk (TinyStories, WikiText-103 or C4 shards, with a 'text' column)."
+)
+
+
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int] | bytes: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary 256, nothing to download, lossless round trip."""
+
+    name = "byte"
+    vocab_size = 256
+    separator = b"\n\n"
+
+    def encode(self, text: str) -> bytes:
+        return text.encode("utf-8")
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """Any Hugging Face tokenizer, by hub name or local path (transformers is the `llm` extra)."""
+
+    def __init__(self, name: str) -> None:
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise QatbenchError(f"tokenizer {name!r} needs transformers: pip install 'qatbench[llm]'") from None
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as err:
+            raise QatbenchError(f"cannot load tokenizer {name!r}: {str(err).splitlines()[0]}") from None
+        self.name = name
+        self.vocab_size = len(self.tokenizer)
+        self.separator = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def load_tokenizer(name: str) -> ByteTokenizer | HFTokenizer:
+    return ByteTokenizer() if name == "byte" else HFTokenizer(name)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists())
+
+
+def corpus_files(path: Path) -> list[Path]:
+    """The files that make up a corpus (what its cache key is computed from)."""
+    if path.is_file():
+        return [path]
+    if _is_saved_dataset(path):
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    files = sorted(path.glob("*.txt"))
+    if not files:
+        raise QatbenchError(f"{path} holds no .txt files and no saved `datasets` dataset. {HOW_TO_GET_TEXT}")
+    return files
+
+
+def _documents(path: Path) -> tuple[Iterator[str], Iterator[str] | None]:
+    """(training texts, held-out texts or None) of a corpus."""
+    if not _is_saved_dataset(path):
+        return (f.read_text(encoding="utf-8", errors="replace") for f in corpus_files(path)), None
+    try:
+        import datasets
+    except ImportError:
+        raise QatbenchError(f"{path} is a saved `datasets` dataset: pip install datasets") from None
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        held_out = next((loaded[s] for s in ("validation", "test") if s in loaded), None)
+        train = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+        return iter(train["text"]), (iter(held_out["text"]) if held_out is not None else None)
+    return iter(loaded["text"]), None
+
+
+def _tokenize(texts: Iterator[str], tokenizer: ByteTokenizer | HFTokenizer) -> Tensor:
+    """All texts, tokenized and joined by the tokenizer's document separator, as one flat tensor."""
+    dtype = torch.uint8 if tokenizer.vocab_size <= 256 else torch.int32
+    pieces = []
+    for text in texts:
+        if text:
+            ids = tokenizer.encode(text)
+            pieces.append(torch.tensor(bytearray(ids) if isinstance(ids, bytes) else ids, dtype=dtype))
+            pieces.append(torch.tensor(bytearray(tokenizer.separator) if isinstance(tokenizer.separator, bytes)
+                                       else tokenizer.separator, dtype=dtype))
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=dtype)
+
+
+def load_tokens(path: Path, tokenizer: ByteTokenizer | HFTokenizer, val_fraction: float) -> tuple[Tensor, Tensor]:
+    """(training tokens, held-out tokens), from the cache when the corpus was tokenized before.
+
+    Without a held-out split in the corpus, the last `val_fraction` of the token stream is held out."""
+    if not path.exists():
+        raise QatbenchError(f"corpus {str(path)!r} does not exist. {HOW_TO_GET_TEXT}")
+    key = hashlib.sha256(tokenizer.name.encode())
+    for f in corpus_files(path):
+        stat = f.stat()
+        key.update(f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    cache = default_cache_dir() / "tokens" / f"{key.hexdigest()[:20]}-{val_fraction}.pt"
+    if cache.exists():
+        saved = torch.load(cache, weights_only=True)
+        return saved["train"], saved["val"]
+    train_texts, held_out_texts = _documents(path)
+    train = _tokenize(train_texts, tokenizer)
+    if held_out_texts is not None:
+        val = _tokenize(held_out_texts, tokenizer)
+    else:
+        cut = len(train) - max(1, round(val_fraction * len(train)))
+        train, val = train[:cut].clone(), train[cut:].clone()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"train": train, "val": val}, tmp)
+    os.replace(tmp, cache)
+    return train, val

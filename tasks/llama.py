@@ -1,0 +1,212 @@
+"""Small LLaMA models (Hugging Face `LlamaForCausalLM`, built from a config, no weights) on a text corpus.
+
+transformers is an optional extra (`pip install 'qatbench[llm]'`); without it these tasks
+say so in one line when they are run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from qatbench.errors import QatbenchError
+from qatbench.params import param
+from qatbench.registry import TASKS
+from qatbench.task import Recipe, Task, TaskData
+from qatbench.text import HOW_TO_GET_TEXT, load_tokenizer, load_tokens
+
+BLOCK_WEIGHTS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                 "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaSize:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+
+    def parameters(self, vocab: int) -> int:
+        """Untied input and output embeddings, 4 attention and 3 MLP matrices and 2 RMSNorms per layer, a final norm."""
+        h = self.hidden
+        return 2 * vocab * h + self.layers * (4 * h * h + 3 * h * self.intermediate + 2 * h) + h
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaTaskConfig:
+    tokenizer: str = param("byte", "byte (vocabulary 256, nothing to download) or a Hugging Face tokenizer name/path")
+    seq_len: int = param(512, "context length of the training windows and the evaluation windows")
+    steps_per_epoch: int = param(200, "training steps between evaluations (an 'epoch' of a language-model run)")
+    val_fraction: float = param(0.01, "held-out share of the token stream when the corpus has no validation split")
+    quantize_embeddings: bool = param(False, "also quantize the input embedding")
+    quantize_head: bool = param(False, "also quantize the output head")
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2 or self.steps_per_epoch < 1 or not 0 < self.val_fraction < 1:
+            raise ValueError(f"seq_len={self.seq_len} must be >= 2, steps_per_epoch={self.steps_per_epoch} >= 1, "
+                             f"val_fraction={self.val_fraction} in (0, 1)")
+
+
+class TokenWindows:
+    """`steps` batches of random contiguous windows of `seq_len + 1` tokens (inputs, next-token targets)."""
+
+    def __init__(self, tokens: Tensor, batch_size: int, seq_len: int, steps: int, generator: torch.Generator) -> None:
+        if len(tokens) <= seq_len + 1:
+            raise QatbenchError(f"the training split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+        self.tokens, self.batch_size, self.seq_len, self.steps, self.generator = tokens, batch_size, seq_len, steps, generator
+        self.offsets = torch.arange(seq_len + 1, device=tokens.device)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        high = len(self.tokens) - self.seq_len - 1
+        for _ in range(self.steps):
+            starts = torch.randint(0, high + 1, (self.batch_size,), generator=self.generator,
+                                   device=self.generator.device).to(self.tokens.device)
+            windows = self.tokens[starts[:, None] + self.offsets].long()
+            yield windows[:, :-1], windows[:, 1:]
+
+
+class HeldOutWindows:
+    """The whole held-out stream in order: consecutive windows of `seq_len` predictions, the last one shorter."""
+
+    def __init__(self, tokens: Tensor, batch_size: int, seq_len: int) -> None:
+        if len(tokens) < 2:
+            raise QatbenchError(f"the held-out split has {len(tokens)} tokens; it needs at least 2")
+        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+
+    @property
+    def num_predictions(self) -> int:
+        return len(self.tokens) - 1
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        full = self.num_predictions // self.seq_len
+        for first in range(0, full, self.batch_size):
+            count = min(self.batch_size, full - first)
+            block = self.tokens[first * self.seq_len: (first + count) * self.seq_len + 1].long()
+            inputs = block[:-1].view(count, self.seq_len)
+            targets = block[1:].view(count, self.seq_len)
+            yield inputs, targets
+        tail = self.tokens[full * self.seq_len:].long()
+        if len(tail) > 1:
+            yield tail[None, :-1], tail[None, 1:]
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise QatbenchError("the llama tasks need transformers: pip install 'qatbench[llm]'") from None
+    return transformers
+
+
+class LlamaTask(Task):
+    """LLaMA (`LlamaForCausalLM` from a config) trained from scratch on a text corpus; metric: perplexity.
+
+    Perplexity is `exp` of the mean next-token cross-entropy over every token of the
+    held-out split (consecutive windows; lower is better). Training draws random
+    contiguous windows of `seq_len + 1` tokens from the training split, which lives on
+    the device as a flat token tensor, tokenized once and cached. Quantized per channel:
+    the q/k/v/o projections and the gate/up/down MLP matrices of every layer; the
+    embedding, the norms and the output head stay full precision (task options
+    `quantize_embeddings`, `quantize_head`). Recipes: AdamW (betas 0.9/0.95, wd 0.1),
+    linear warm-up, cosine decay to 10% of the peak, gradient clipping at 1.0, bf16
+    autocast on CUDA; `smoke` is 20 steps of batch 8.
+    """
+
+    Config = LlamaTaskConfig
+    metric = "perplexity"
+    higher_is_better = False
+    default_granularity = "channel"
+    size: ClassVar[LlamaSize] = LlamaSize(256, 8, 4, 688)
+
+    def __init__(self, config: LlamaTaskConfig) -> None:
+        super().__init__(config)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.config.tokenizer)
+        return self._tokenizer
+
+    def build_model(self) -> nn.Module:
+        transformers = _transformers()
+        size = self.size
+        config = transformers.LlamaConfig(
+            vocab_size=self.tokenizer.vocab_size, hidden_size=size.hidden, intermediate_size=size.intermediate,
+            num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.heads,
+            max_position_embeddings=self.config.seq_len, tie_word_embeddings=False)
+        return transformers.LlamaForCausalLM(config)
+
+    def is_quantized(self, name: str, parameter: nn.Parameter) -> bool:
+        if name.endswith(BLOCK_WEIGHTS):
+            return True
+        return (self.config.quantize_embeddings and name.endswith("embed_tokens.weight")) or \
+            (self.config.quantize_head and name == "lm_head.weight")
+
+    def loss(self, output, target: Tensor) -> Tensor:
+        logits = output.logits if hasattr(output, "logits") else output
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches) -> float:
+        """exp(mean next-token cross-entropy over the whole held-out split)."""
+        was_training = model.training
+        model.eval()
+        total, count = None, 0
+        for inputs, targets in batches:
+            logits = model(inputs).logits
+            summed = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+            total = summed if total is None else total + summed
+            count += targets.numel()
+        model.train(was_training)
+        return math.exp(total.item() / count)
+
+    def load_data(self, data_root, device, batch_size, generator, download) -> TaskData:
+        corpus = data_root or (Path(os.environ["QATBENCH_DATA"]) if os.environ.get("QATBENCH_DATA") else None)
+        if corpus is None:
+            raise QatbenchError(f"task {self.name!r} needs a text corpus. {HOW_TO_GET_TEXT}")
+        train, val = load_tokens(Path(corpus).expanduser(), self.tokenizer, self.config.val_fraction)
+        train, val = train.to(device), val.to(device)
+        held_out = HeldOutWindows(val, batch_size, self.config.seq_len)
+        return TaskData(train=TokenWindows(train, batch_size, self.config.seq_len, self.config.steps_per_epoch,
+                                           generator),
+                        test=held_out, num_train=len(train), num_test=held_out.num_predictions)
+
+
+def _recipes(lr: float, epochs: int, batch_size: int) -> dict[str, Recipe]:
+    common = {"optimizer": "adamw", "weight_decay": 0.1, "betas": (0.9, 0.95), "grad_clip": 1.0,
+              "cuda_precision": "bf16"}
+    return {
+        "smoke": Recipe(epochs=1, batch_size=8, lr=lr, lr_schedule="constant", epoch_steps=20, **common),
+        "short": Recipe(epochs=max(1, epochs // 10), batch_size=batch_size, lr=lr, warmup_epochs=0.5,
+                        min_lr=lr / 10, **common),
+        "paper": Recipe(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=epochs / 10, min_lr=lr / 10,
+                        **common),
+    }
+
+
+def _register(name: str, size: LlamaSize, lr: float, epochs: int, batch_size: int) -> None:
+    doc = (f"LLaMA {size.hidden} wide, {size.layers} layers, {size.heads} heads, MLP {size.intermediate} "
+           f"({size.parameters(32000) / 1e6:.1f}M parameters with a 32k vocabulary, "
+           f"{size.parameters(256) / 1e6:.1f}M with the byte tokenizer). " + LlamaTask.__doc__)
+    cls = type(name.replace("-", "_"), (LlamaTask,), {"__doc__": doc, "size": size,
+                                                       "recipes": _recipes(lr, epochs, batch_size)})
+    TASKS.register(name)(cls)
+
+
+# Sizes: widths, depths and MLP widths of the GaLore/FOGZO LLaMA family, named by their
+# parameter count with a 32,000-token vocabulary. Paper budgets: epochs of 200 steps.
+_register("llama-20m", LlamaSize(256, 8, 4, 688), lr=1e-3, epochs=50, batch_size=64)
+_register("llama-60m", LlamaSize(512, 8, 8, 1376), lr=1e-3, epochs=50, batch_size=128)
+_register("llama-130m", LlamaSize(768, 12, 12, 2048), lr=1e-3, epochs=100, batch_size=256)
+_register("llama-300m", LlamaSize(1024, 18, 16, 2736), lr=5e-4, epochs=150, batch_size=256)

@@ -1,0 +1,130 @@
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from qatbench.params import build_config
+from qatbench.registry import TASKS
+from qatbench.tasks.llama import HeldOutWindows, TokenWindows
+from qatbench.text import ByteTokenizer, load_tokens
+from tests.conftest import smoke_run
+
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="transformers is not installed")
+SIZES = {"llama-20m": 20e6, "llama-60m": 60e6, "llama-130m": 130e6, "llama-300m": 300e6}
+
+
+def write_corpus(path, sentences=1500, seed=0):
+    """A generated English-like corpus: a small grammar, so that a model can lower its perplexity."""
+    generator = torch.Generator().manual_seed(seed)
+    subjects, verbs, objects = ["the cat", "a dog", "my friend", "the old man"], ["sees", "likes", "finds"], \
+        ["the ball", "a red house", "the river", "some bread"]
+
+    def pick(words):
+        return words[torch.randint(len(words), (1,), generator=generator).item()]
+
+    path.write_text("\n".join(f"{pick(subjects)} {pick(verbs)} {pick(objects)}." for _ in range(sentences)))
+    return path
+
+
+def _task(name="llama-20m", **options):
+    cls = TASKS.get(name)
+    return cls(build_config(cls.Config, options, name))
+
+
+def test_byte_tokenizer_round_trip():
+    tokenizer = ByteTokenizer()
+    text = "héllo wörld ✓"
+    assert tokenizer.decode(list(tokenizer.encode(text))) == text and tokenizer.vocab_size == 256
+
+
+def test_tokens_are_split_and_cached(tmp_path, isolated_data_env):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    train, val = load_tokens(corpus, ByteTokenizer(), 0.1)
+    total = len(corpus.read_bytes()) + 2  # the document separator after the one file
+    assert len(train) + len(val) == total and len(val) == round(0.1 * total)
+    assert bytes(train[:7].tolist()) == corpus.read_bytes()[:7]
+    assert list((tmp_path / "home/.cache/qatbench/tokens").iterdir())
+    again_train, again_val = load_tokens(corpus, ByteTokenizer(), 0.1)
+    assert torch.equal(again_train, train) and torch.equal(again_val, val)
+
+
+def test_a_folder_of_text_files_is_one_corpus(tmp_path, isolated_data_env):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("first")
+    (folder / "b.txt").write_text("second")
+    train, val = load_tokens(folder, ByteTokenizer(), 0.1)
+    assert bytes(torch.cat([train, val]).tolist()) == b"first\n\nsecond\n\n"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="datasets is not installed")
+def test_a_saved_datasets_dataset_with_its_validation_split(tmp_path, isolated_data_env):
+    import datasets
+
+    saved = tmp_path / "ds"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["alpha", "beta"]}),
+                          "validation": datasets.Dataset.from_dict({"text": ["gamma"]})}).save_to_disk(str(saved))
+    train, val = load_tokens(saved, ByteTokenizer(), 0.5)
+    assert bytes(train.tolist()) == b"alpha\n\nbeta\n\n" and bytes(val.tolist()) == b"gamma\n\n"
+
+
+def test_training_windows_are_contiguous_and_shifted_by_one():
+    tokens = torch.arange(100, dtype=torch.uint8)
+    inputs, targets = next(iter(TokenWindows(tokens, 4, 8, 3, torch.Generator().manual_seed(0))))
+    assert inputs.shape == (4, 8) and torch.equal(targets, inputs + 1)
+    assert all(torch.equal(row, torch.arange(row[0].item(), row[0].item() + 8)) for row in inputs)
+
+
+def test_held_out_windows_predict_every_token_once():
+    tokens = torch.arange(50, dtype=torch.uint8)
+    batches = list(HeldOutWindows(tokens, 2, 8))
+    targets = torch.cat([t.flatten() for _, t in batches])
+    assert targets.tolist() == list(range(1, 50))
+    assert all(torch.equal(t, i + 1) for i, t in batches)
+
+
+def test_perplexity_of_uniform_predictions_is_the_vocabulary_size():
+    class Uniform(torch.nn.Module):
+        def forward(self, inputs):
+            return type("Out", (), {"logits": torch.zeros(*inputs.shape, 256)})()
+
+    task = _task()
+    value = task.evaluate(Uniform(), HeldOutWindows(torch.arange(40, dtype=torch.uint8), 2, 8))
+    assert value == pytest.approx(256.0)
+
+
+@needs_transformers
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_parameter_count_of_each_size(name):
+    task = _task(name)
+    with torch.device("meta"):
+        model = task.build_model()
+    count = sum(p.numel() for p in model.parameters())
+    assert count == task.size.parameters(256)
+    assert abs(task.size.parameters(32000) - SIZES[name]) / SIZES[name] < 0.15  # the name's claim, 32k vocabulary
+
+
+@needs_transformers
+def test_attention_and_mlp_matrices_are_quantized_embeddings_norms_and_head_are_not():
+    task = _task()
+    with torch.device("meta"):
+        model = task.build_model()
+    chosen = [n for n, p in model.named_parameters() if task.is_quantized(n, p)]
+    assert len(chosen) == 8 * 7
+    assert not any("embed" in n or "norm" in n or "lm_head" in n for n in chosen)
+    both = _task(quantize_embeddings=True, quantize_head=True)
+    assert sum(both.is_quantized(n, p) for n, p in model.named_parameters()) == 8 * 7 + 2
+
+
+@needs_transformers
+@pytest.mark.parametrize("method", ["fp", "ste", "binaryrelax", "parq", "fogzo", "nspsa", "talr"])
+def test_smoke_run_of_the_smallest_model_through_the_cli(method, tmp_path, isolated_data_env):
+    corpus = write_corpus(tmp_path / "corpus.txt", sentences=400)
+    bits = [] if method == "fp" else ["--bits", "4"]
+    record = smoke_run(tmp_path, "--method", method, "--task", "llama-20m", *bits, "--batch-size", "4",
+                       "--task-arg", "seq_len=32", "--task-arg", "steps_per_epoch=3", "--task-arg", "val_fraction=0.05",
+                       "--data-root", str(corpus))
+    assert record["metric_name"] == "perplexity" and record["higher_is_better"] is False
+    assert 1 < record["metric"] < 10 * 256 and math.isfinite(record["metric"])
