@@ -20,12 +20,13 @@ EPS_BAR = 1.0 / (2.0 * math.sqrt(3.0))
 """Perturbation radius, in quantizer steps, that matches the identity STE of rounding (FOGZO paper)."""
 
 
-def unit_noise(like: Tensor, kind: str, generator: torch.Generator) -> Tensor:
-    """Noise with zero mean and unit variance per coordinate: uniform on [-sqrt 3, sqrt 3], or Gaussian."""
+def unit_noise(like: Tensor, kind: str, generator: torch.Generator, scale: float = 1.0) -> Tensor:
+    """`scale` times noise with zero mean and unit variance per coordinate: uniform on
+    [-sqrt 3, sqrt 3], or Gaussian."""
     if kind == "gaussian":
-        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype).mul_(scale)
     uniform = torch.rand(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-    return (2.0 * uniform - 1.0) * math.sqrt(3.0)
+    return uniform.sub_(0.5).mul_(2.0 * math.sqrt(3.0) * scale)
 
 
 def zeroth_order_gradient(
@@ -37,6 +38,7 @@ def zeroth_order_gradient(
     samples: int,
     noise: str,
     generator: torch.Generator,
+    out: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """`G = (1/n) sum_i [L(w + eps v_i) - L(w - eps v_i)] / 2 * v_i / eps`, per coordinate.
 
@@ -46,27 +48,35 @@ def zeroth_order_gradient(
     central difference is exact, so with `beta = 0` `E[G] = grad L`; with `beta = 1` and
     `eps -> 0`, `G = (g_hat . grad L) g_hat`, which is `guide` when `guide = grad L`.
     Random draws come from `generator` only, so a seeded run (and every rank of a
-    data-parallel run seeded alike) draws the same perturbations.
+    data-parallel run seeded alike) draws the same perturbations. `G` is written into
+    `out` when given (which may be `guide` itself: the guide is read first).
     """
+    guide_unit: list[Tensor] = []
     if beta > 0.0:
         assert guide is not None, "beta > 0 needs the first-order guide"
         norm = torch.sqrt(sum(g.square().sum() for g in guide)).clamp(min=torch.finfo(weights[0].dtype).tiny)
         guide_unit = [g / norm for g in guide]
-    estimate = [torch.zeros_like(w) for w in weights]
+    estimate = [g.zero_() for g in out] if out is not None else [torch.zeros_like(w) for w in weights]
     for _ in range(samples):
-        directions = []
         sign = torch.randint(0, 2, (), generator=generator, device=weights[0].device).to(weights[0].dtype) * 2 - 1
+        guide_weight = math.sqrt(beta) * sign
+        directions = []
         for i, w in enumerate(weights):
-            v = math.sqrt(1.0 - beta) * unit_noise(w, noise, generator) if beta < 1.0 else torch.zeros_like(w)
-            if beta > 0.0:
-                v = v + math.sqrt(beta) * sign * guide_unit[i]
+            if beta < 1.0:
+                v = unit_noise(w, noise, generator, math.sqrt(1.0 - beta))
+                if beta > 0.0:
+                    v.addcmul_(guide_unit[i], guide_weight)
+            else:
+                v = guide_unit[i] * guide_weight
             directions.append(v)
-        plus = loss_at([w + r * v for w, r, v in zip(weights, radius, directions)])
-        minus = loss_at([w - r * v for w, r, v in zip(weights, radius, directions)])
-        half_difference = (plus - minus) / 2
+        offsets = [r * v for r, v in zip(radius, directions)]
+        perturbed = [w + o for w, o in zip(weights, offsets)]
+        plus = loss_at(perturbed)
+        minus = loss_at([p.sub_(o, alpha=2.0) for p, o in zip(perturbed, offsets)])
+        half_difference = (plus - minus) / (2 * samples)
         for g, v, r in zip(estimate, directions, radius):
-            g.add_(half_difference * v / r)
-    return [g / samples for g in estimate]
+            g.addcmul_(v, half_difference / r)
+    return estimate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +125,7 @@ class FOGZO(STE):
         super().__init__(config, optimizer, quantizer, total_steps, generator)
         self.qat_steps = max(1, total_steps - self.warmup_steps)
         self.current_beta = 1.0
+        self.radius: list[Tensor] = []
 
     def beta(self, t: int) -> float:
         """Guidance weight at QAT step t: 1 -> beta_min, linearly."""
@@ -124,21 +135,23 @@ class FOGZO(STE):
         assert closure is not None, "FOGZO needs the closure that evaluates the batch loss"
         granularity = self.quantizer.granularity
         self.current_beta = self.beta(self.steps - self.warmup_steps)
-        weights = self.latent_rows
-        guide = [as_rows(p.grad, granularity) for p in self.params] if self.current_beta > 0 else None
-        # the quantizer step per row: (q_m - q_1) / (m - 1), exact for uniform levels, mean spacing for LSBQ
-        radius = [self.config.alpha * EPS_BAR * (q[:, -1:] - q[:, :1]) / (q.shape[1] - 1) for q in self.levels]
-        radius = [r.clamp(min=torch.finfo(r.dtype).tiny) for r in radius]
+        gradients = [as_rows(p.grad, granularity) for p in self.params]
 
         def quantized_loss(perturbed: list[Tensor]) -> Tensor:
             for w, levels, bounds, out in zip(perturbed, self.levels, self.bounds, self.param_rows):
                 self.hard_quantize(w, levels, bounds, out=out)
             return closure()
 
-        estimate = zeroth_order_gradient(quantized_loss, weights, guide, radius, self.current_beta,
-                                         self.config.samples, self.config.noise, self.generator)
-        for p, g in zip(self.params, estimate):
-            p.grad.copy_(g.view_as(p))
+        zeroth_order_gradient(quantized_loss, self.latent_rows, gradients if self.current_beta > 0 else None,
+                              self.radius, self.current_beta, self.config.samples, self.config.noise,
+                              self.generator, out=gradients)
+
+    def refresh_levels(self) -> None:
+        """Also the perturbation radius per row: alpha eps_bar quantizer steps, the step being
+        (q_m - q_1) / (m - 1) (exact for uniform levels, the mean spacing for LSBQ)."""
+        super().refresh_levels()
+        self.radius = [(self.config.alpha * EPS_BAR / (q.shape[1] - 1)) * (q[:, -1:] - q[:, :1])
+                       .clamp(min=torch.finfo(q.dtype).tiny) for q in self.levels]
 
     def diagnostics(self) -> dict[str, float]:
         return {"beta": self.current_beta}
