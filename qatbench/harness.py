@@ -289,6 +289,10 @@ def _train(run: ResolvedRun, record: RunRecord, data_root: Path | None, download
 
     timing["steady_step_ms"] = 1000 * timing["steady_train_s"] / max(1, steady_steps)
     timing["steady_steps"] = steady_steps
+    if timing["steady_train_s"] > 0:
+        timing["samples_per_s"] = steady_steps * recipe.batch_size / timing["steady_train_s"]
+        if task.tokens_per_sample():
+            timing["tokens_per_s"] = timing["samples_per_s"] * task.tokens_per_sample()
     timing["train_s"] = time.perf_counter() - start - timing["eval_s"]
     record.timing = timing
     if record.status == "diverged":

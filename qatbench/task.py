@@ -187,6 +187,10 @@ class Task(ABC):
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return nn.functional.cross_entropy(output, target)
 
+    def tokens_per_sample(self) -> int | None:
+        """Tokens in one training sample, for language models' tokens/s; None for other tasks."""
+        return None
+
     def no_weight_decay(self, name: str, parameter: nn.Parameter) -> bool:
         """Full-precision parameters trained without weight decay: biases and norms by default."""
         return parameter.dim() < 2

@@ -153,6 +153,9 @@ class LlamaTask(Task):
         return (self.config.quantize_embeddings and name.endswith("embed_tokens.weight")) or \
             (self.config.quantize_head and name == "lm_head.weight")
 
+    def tokens_per_sample(self) -> int:
+        return self.config.seq_len
+
     def loss(self, output, target: Tensor) -> Tensor:
         logits = output.logits if hasattr(output, "logits") else output
         return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten())

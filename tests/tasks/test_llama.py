@@ -127,4 +127,6 @@ def test_smoke_run_of_the_smallest_model_through_the_cli(method, tmp_path, isola
                        "--task-arg", "seq_len=32", "--task-arg", "steps_per_epoch=3", "--task-arg", "val_fraction=0.05",
                        "--data-root", str(corpus))
     assert record["metric_name"] == "perplexity" and record["higher_is_better"] is False
+    timing = record["timing"]
+    assert timing["tokens_per_s"] == pytest.approx(timing["samples_per_s"] * 32)
     assert 1 < record["metric"] < 10 * 256 and math.isfinite(record["metric"])
