@@ -205,16 +205,17 @@ def build(records: Sequence[RunRecord], regenerate: str, plot_dir: Path | None =
     return {task: task_markdown(task, group, regenerate, plot_dir) for task, group in frame.groupby("task")}
 
 
-def index_markdown(records: Sequence[RunRecord], regenerate: str) -> str:
+def index_markdown(records: Sequence[RunRecord], regenerate: str, extra_pages: Sequence[str] = ()) -> str:
     frame = records_frame(records)
     rows = []
     for task, group in frame.groupby("task"):
         rows.append([f"[{task}]({task}.md)", str(len(group)), str(int((group["status"] == "ok").sum())),
                      ", ".join(sorted(group["method"].unique())),
                      ", ".join(b for b in group.sort_values("bits_order")["bits"].drop_duplicates())])
+    pages = "".join(f"\nAlso here: [{page}]({page}).\n" for page in extra_pages)
     return ("# qatbench leaderboards\n\nEvery number below comes from a run record in this folder.\n\n"
             + _table(["task", "runs", "ok", "methods", "bits"], rows)
-            + f"\n\nRegenerate with:\n\n```\n{regenerate}\n```\n")
+            + f"\n{pages}\nRegenerate with:\n\n```\n{regenerate}\n```\n")
 
 
 def write(records: Sequence[RunRecord], out_dir: Path, regenerate: str) -> list[Path]:
@@ -228,7 +229,8 @@ def write(records: Sequence[RunRecord], out_dir: Path, regenerate: str) -> list[
             path.write_text(text)
             paths.append(path)
         index = out_dir / "README.md"
-        index.write_text(index_markdown(records, regenerate))
+        extra = [p.name for p in sorted(out_dir.glob("*.md")) if p.name not in ("README.md", *(f"{t}.md" for t in tables))]
+        index.write_text(index_markdown(records, regenerate, extra))
     except OSError as err:
         raise QatbenchError(f"cannot write leaderboard into {out_dir}: {err.strerror or err}") from None
     return [*paths, index]

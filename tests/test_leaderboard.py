@@ -76,10 +76,12 @@ def test_lower_is_better_metrics_bold_the_lowest():
     assert "**20.00 (1)**" in leaderboard.build(records, "x")["toy"]
 
 
-def test_write_makes_one_file_per_task_and_an_index(tmp_path):
+def test_write_makes_one_file_per_task_and_an_index_linking_the_other_pages(tmp_path):
+    (tmp_path / "performance.md").write_text("# speed")
     paths = leaderboard.write(RECORDS, tmp_path, "x")
     assert sorted(p.name for p in paths) == ["README.md", "toy.md"]
-    assert "[toy](toy.md)" in (tmp_path / "README.md").read_text()
+    index = (tmp_path / "README.md").read_text()
+    assert "[toy](toy.md)" in index and "[performance.md](performance.md)" in index
 
 
 def test_no_records_is_an_error():
