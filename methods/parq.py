@@ -10,7 +10,7 @@ from torch import Tensor
 
 from qatbench.method import ProxConfig, ProxMethod
 from qatbench.params import param
-from qatbench.quant import hard_quantize
+from qatbench.quant import grid, hard_quantize
 from qatbench.registry import METHODS
 from qatbench.schedules import normalized_mirror_sigmoid, resolve_point
 
@@ -47,7 +47,7 @@ def parq_prox(latent: Tensor, levels: Tensor, inv_slope: float, bounds: Tensor |
         return torch.clamp(latent, levels[:, :1], levels[:, -1:], out=out)
     rho = max(inv_slope, torch.finfo(latent.dtype).tiny)
     if evenly_spaced:  # the interval in closed form: q_lo = q_1 + j s, j = clamp(floor((w - q_1) / s), 0, m - 2)
-        first, step = levels[:, :1], levels[:, 1:2] - levels[:, :1]
+        first, step = grid(levels)
         interval = (latent - first).div_(step).floor_().clamp_(0, levels.shape[1] - 2)
         q_lo = torch.addcmul(first, interval, step)
         q_hi = q_lo + step

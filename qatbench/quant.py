@@ -83,10 +83,6 @@ class QuantizerConfig:
             raise QatbenchError(f"invalid bits {self.bits}; valid choices: 1..{MAX_BITS} or T (ternary)")
 
     @property
-    def num_levels(self) -> int:
-        return num_levels(self.bits)
-
-    @property
     def evenly_spaced(self) -> bool:
         """Uniform levels (ternary included) are a grid with a positive step: closed-form rounding applies."""
         return self.scheme == "uniform"
@@ -151,11 +147,16 @@ def midpoints(levels: Tensor) -> Tensor:
     return ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
 
 
+def grid(levels: Tensor) -> tuple[Tensor, Tensor]:
+    """(q_1, s) per row of evenly spaced levels `q_k = q_1 + k s`, each `(rows, 1)`."""
+    return levels[:, :1], levels[:, 1:2] - levels[:, :1]
+
+
 def grid_index(rows: Tensor, levels: Tensor) -> Tensor:
-    """For evenly spaced levels `q_k = q_1 + k s` (`s > 0`): `clamp(round((w - q_1) / s), 0, m - 1)`,
-    the nearest level's index as floats, in a few elementwise kernels instead of a binary search.
+    """For evenly spaced levels (`s > 0`): `clamp(round((w - q_1) / s), 0, m - 1)`, the nearest
+    level's index as floats, in a few elementwise kernels instead of a binary search.
     A weight within a rounding error of a midpoint may go to either neighbour."""
-    first, step = levels[:, :1], levels[:, 1:2] - levels[:, :1]
+    first, step = grid(levels)
     return (rows - first).div_(step).round_().clamp_(0, levels.shape[1] - 1)
 
 
@@ -175,7 +176,7 @@ def hard_quantize(rows: Tensor, levels: Tensor, bounds: Tensor | None = None, ou
     midpoint goes down), written into `out` when given; with `evenly_spaced`,
     `q_1 + s grid_index(w)`."""
     if evenly_spaced:
-        first, step = levels[:, :1], levels[:, 1:2] - levels[:, :1]
+        first, step = grid(levels)
         return torch.addcmul(first, grid_index(rows, levels), step, out=out)
     return torch.gather(levels, 1, level_indices(rows, levels, bounds), out=out)
 
