@@ -29,7 +29,7 @@ from .quant import QuantizerConfig, bits_label, check_exact
 from .registry import METHODS, TASKS
 from .results import FINISHED, RunRecord, identity_hash, read_record, record_path, write_record
 from .system import PeakMemory, environment
-from .task import Recipe, Task
+from .task import Recipe, Task, published
 
 Log = Callable[[str], None]
 FP_DIAGNOSTIC_BITS = 2  # levels a full-precision run's transition diagnostics are measured against
@@ -329,7 +329,7 @@ def execute(run: ResolvedRun, data_root: Path | None = None, download: bool = Tr
         run_id=run.run_id, spec=run.identity, method=run.method_cls.name, task=run.task.name,
         bits=run.bits, seed=run.spec.seed, status="error",
         metric_name=run.task.metric, higher_is_better=run.task.higher_is_better,
-        reference_fp=run.task.reference.get("fp"), environment=environment(run.device), command=command,
+        reference_fp=published(run.task.name).get("fp"), environment=environment(run.device), command=command,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     start = time.perf_counter()

@@ -20,7 +20,7 @@ import pandas as pd
 from .errors import QatbenchError
 from .plots import transition_rate_plot
 from .quant import bits_label, bits_order, parse_bits
-from .registry import TASKS
+from .task import published
 from .results import RunRecord
 
 FP_METHOD = "fp"
@@ -152,11 +152,8 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _reference_section(task: str) -> str:
-    """The papers' own numbers, when the task class carries them."""
-    try:
-        reference = TASKS.get(task).reference
-    except QatbenchError:
-        return ""
+    """The papers' own numbers, when `tasks/references.yaml` has them."""
+    reference = published(task)
     if not reference.get("rows"):
         return ""
     bits_cols = sorted({b for row in reference["rows"].values() for b in row}, key=lambda b: bits_order(parse_bits(b)))

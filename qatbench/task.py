@@ -8,6 +8,7 @@ for the published budget). It never knows a method.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+import yaml
 from torch import Tensor, nn
 
 from .params import NoConfig
@@ -155,6 +157,13 @@ class TaskData:
     num_test: int
 
 
+def published(task: str) -> dict[str, Any]:
+    """The papers' numbers for `task` from `tasks/references.yaml`: {"source", "fp", "rows": {method: {bits: text}}},
+    or {} when none are known."""
+    text = importlib.resources.files("qatbench.tasks").joinpath("references.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text).get(task, {})
+
+
 class Task(ABC):
     """One benchmark task. Subclasses set the class attributes and implement the factories."""
 
@@ -165,8 +174,6 @@ class Task(ABC):
     recipes: ClassVar[dict[str, Recipe]] = {}
     default_granularity: ClassVar[str] = "channel"
     default_scheme: ClassVar[str] = "uniform"
-    #: Published numbers beside the measured ones: {"source": ..., "fp": x, "rows": {method: {bits: "mean+-std"}}}
-    reference: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -192,32 +192,13 @@ class CifarTask(Task):
         )
 
 
-PARQ_SOURCE = "PARQ (Jin et al., ICML 2025, arXiv version), Table: CIFAR-10, mean ± std of 3 seeds"
-
-
 @TASKS.register("cifar10-resnet20")
 class Cifar10ResNet20(CifarTask):
     __doc__ = "ResNet-20 (0.27M parameters). " + CifarTask.__doc__
     depth = 20
-    reference = {
-        "source": PARQ_SOURCE, "fp": 91.82,
-        "rows": {
-            "ste": {"1": "89.56 ± 0.18", "T": "90.94 ± 0.15", "2": "91.22 ± 0.15", "3": "91.84 ± 0.22", "4": "91.93 ± 0.04"},
-            "binaryrelax": {"1": "89.98 ± 0.13", "T": "91.25 ± 0.07", "2": "91.57 ± 0.06", "3": "91.77 ± 0.05", "4": "91.92 ± 0.16"},
-            "parq": {"1": "90.48 ± 0.26", "T": "91.45 ± 0.11", "2": "91.71 ± 0.03", "3": "91.97 ± 0.04", "4": "91.84 ± 0.02"},
-        },
-    }
 
 
 @TASKS.register("cifar10-resnet56")
 class Cifar10ResNet56(CifarTask):
     __doc__ = "ResNet-56 (0.85M parameters). " + CifarTask.__doc__
     depth = 56
-    reference = {
-        "source": PARQ_SOURCE, "fp": 93.08,
-        "rows": {
-            "ste": {"1": "91.55 ± 0.33", "T": "92.42 ± 0.09", "2": "92.72 ± 0.27", "3": "92.73 ± 0.44", "4": "92.34 ± 0.23"},
-            "binaryrelax": {"1": "91.75 ± 0.37", "T": "92.34 ± 0.23", "2": "92.30 ± 0.40", "3": "92.86 ± 0.40", "4": "92.59 ± 0.10"},
-            "parq": {"1": "91.34 ± 0.37", "T": "92.97 ± 0.15", "2": "92.77 ± 0.10", "3": "92.45 ± 0.44", "4": "92.49 ± 0.16"},
-        },
-    }

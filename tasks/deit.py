@@ -104,25 +104,9 @@ class DeiTTask(Task):
 class ImageNetDeiTTiny(DeiTTask):
     __doc__ = "DeiT-Tiny (5.7M parameters). " + DeiTTask.__doc__
     arch = "deit_tiny_patch16_224"
-    reference = {
-        "source": "PARQ (Jin et al., ICML 2025, arXiv version), ImageNet DeiT-Ti, mean ± std of 3 seeds", "fp": 71.91,
-        "rows": {
-            "ste": {"1": "51.62 ± 0.18", "T": "61.43 ± 0.08", "2": "64.81 ± 0.15", "3": "69.02 ± 0.11", "4": "70.95 ± 0.11"},
-            "binaryrelax": {"1": "52.62 ± 0.03", "T": "62.18 ± 0.11", "2": "65.20 ± 0.04", "3": "69.26 ± 0.03", "4": "71.06 ± 0.09"},
-            "parq": {"1": "52.51 ± 0.19", "T": "60.99 ± 0.07", "2": "65.32 ± 0.06", "3": "69.47 ± 0.04", "4": "71.21 ± 0.11"},
-        },
-    }
 
 
 @TASKS.register("imagenet-deit-small")
 class ImageNetDeiTSmall(DeiTTask):
     __doc__ = "DeiT-Small (22M parameters). " + DeiTTask.__doc__
     arch = "deit_small_patch16_224"
-    reference = {
-        "source": "PARQ (Jin et al., ICML 2025, arXiv version), ImageNet DeiT-S, mean ± std of 3 seeds", "fp": 79.80,
-        "rows": {
-            "ste": {"1": "70.07 ± 0.03", "T": "75.83 ± 0.06", "2": "77.40 ± 0.01", "3": "79.02 ± 0.14", "4": "79.57 ± 0.04"},
-            "binaryrelax": {"1": "70.69 ± 0.07", "T": "76.02 ± 0.03", "2": "77.43 ± 0.04", "3": "79.11 ± 0.07", "4": "79.55 ± 0.12"},
-            "parq": {"1": "71.06 ± 0.02", "T": "76.30 ± 0.06", "2": "77.63 ± 0.04", "3": "79.04 ± 0.04", "4": "79.61 ± 0.04"},
-        },
-    }

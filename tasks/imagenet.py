@@ -112,11 +112,3 @@ class ImageNetResNet18(ImageNetResNet):
 class ImageNetResNet50(ImageNetResNet):
     __doc__ = "ResNet-50 (25.6M parameters). " + ImageNetResNet.__doc__
     arch = "resnet50"
-    reference = {
-        "source": "PARQ (Jin et al., ICML 2025, arXiv version), ImageNet ResNet-50, mean ± std of 3 seeds", "fp": 75.60,
-        "rows": {
-            "ste": {"1": "66.17 ± 0.04", "T": "70.94 ± 0.19", "2": "72.38 ± 0.10", "3": "73.58 ± 0.09", "4": "74.52 ± 0.04"},
-            "binaryrelax": {"1": "66.14 ± 0.28", "T": "71.59 ± 0.11", "2": "72.64 ± 0.17", "3": "74.02 ± 0.09", "4": "74.58 ± 0.04"},
-            "parq": {"1": "66.71 ± 0.13", "T": "71.35 ± 0.21", "2": "72.43 ± 0.03", "3": "73.91 ± 0.13", "4": "74.52 ± 0.01"},
-        },
-    }

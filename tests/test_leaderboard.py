@@ -99,3 +99,11 @@ def test_transition_rate_figure_is_written_when_matplotlib_is_installed(tmp_path
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![transition rate per epoch](toy-transitions-1.png)" in (tmp_path / "toy.md").read_text()
     assert "transitions" in (tmp_path / "toy.md").read_text()
+
+
+def test_published_numbers_are_shown_beside_and_labelled():
+    records = [_record("parq", 2, 0, 91.0)]
+    for r in records:
+        r.task = "cifar10-resnet20"
+    text = leaderboard.build(records, "x")["cifar10-resnet20"]
+    assert "### Published numbers (not measured here)" in text and "FP 91.82" in text and "91.71 ± 0.03" in text
