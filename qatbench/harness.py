@@ -33,9 +33,9 @@ from .task import Recipe, Task, published
 
 Log = Callable[[str], None]
 FP_DIAGNOSTIC_BITS = 2  # levels a full-precision run's transition diagnostics are measured against
-TIMING_WARMUP_STEPS = 10
+TIMING_WARMUP_STEPS = 10  # steps excluded from the steady-state step time (allocator, caches, compile)
 PRECISIONS = ("auto", "fp32", "bf16")
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # steps excluded from the steady-state step time (allocator, caches, compile)
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclasses.dataclass(frozen=True)

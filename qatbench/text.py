@@ -13,7 +13,6 @@ import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -25,15 +24,6 @@ HOW_TO_GET_TEXT = (
     "Pass --data-root CORPUS: a .txt file, a folder of .txt files, or a `datasets` dataset saved with "
     "save_to_disk (TinyStories, WikiText-103 or C4 shards, with a 'text' column)."
 )
-
-
-class Tokenizer(Protocol):
-    name: str
-    vocab_size: int
-
-    def encode(self, text: str) -> list[int] | bytes: ...
-
-    def decode(self, ids: list[int]) -> str: ...
 
 
 class ByteTokenizer:
@@ -73,7 +63,10 @@ class HFTokenizer:
         return self.tokenizer.decode(ids)
 
 
-def load_tokenizer(name: str) -> ByteTokenizer | HFTokenizer:
+Tokenizer = ByteTokenizer | HFTokenizer
+
+
+def load_tokenizer(name: str) -> Tokenizer:
     return ByteTokenizer() if name == "byte" else HFTokenizer(name)
 
 
@@ -109,7 +102,7 @@ def _documents(path: Path) -> tuple[Iterator[str], Iterator[str] | None]:
     return iter(loaded["text"]), None
 
 
-def _tokenize(texts: Iterator[str], tokenizer: ByteTokenizer | HFTokenizer) -> Tensor:
+def _tokenize(texts: Iterator[str], tokenizer: Tokenizer) -> Tensor:
     """All texts, tokenized and joined by the tokenizer's document separator, as one flat tensor."""
     dtype = torch.uint8 if tokenizer.vocab_size <= 256 else torch.int32
     pieces = []
@@ -122,7 +115,7 @@ def _tokenize(texts: Iterator[str], tokenizer: ByteTokenizer | HFTokenizer) -> T
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=dtype)
 
 
-def load_tokens(path: Path, tokenizer: ByteTokenizer | HFTokenizer, val_fraction: float) -> tuple[Tensor, Tensor]:
+def load_tokens(path: Path, tokenizer: Tokenizer, val_fraction: float) -> tuple[Tensor, Tensor]:
     """(training tokens, held-out tokens), from the cache when the corpus was tokenized before.
 
     Without a held-out split in the corpus, the last `val_fraction` of the token stream is held out."""
