@@ -16,8 +16,8 @@ from qatbench.schedules import linear_ramp, resolve_point
 
 @dataclasses.dataclass(frozen=True)
 class BinaryRelaxConfig(ProxConfig):
-    anneal_start: float = param(0.0, "training step (or fraction of training) where the relaxation starts")
-    anneal_end: float = param(0.75, "training step (or fraction of training) from which p = hardquant(w)")
+    anneal_start: float = param(0.0, "training step (or fraction of training) where the relaxation starts", ge=0)
+    anneal_end: float = param(0.75, "training step (or fraction of training) from which p = hardquant(w)", ge=0)
 
 
 @METHODS.register("binaryrelax")
@@ -48,3 +48,10 @@ class BinaryRelax(ProxMethod):
 
     def diagnostics(self) -> dict[str, float]:
         return {"theta": self.theta}
+
+    def state_dict(self):
+        return {**super().state_dict(), "theta": self.theta}
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self.theta = state["theta"]

@@ -81,26 +81,14 @@ def zeroth_order_gradient(
 
 @dataclasses.dataclass(frozen=True)
 class ZOConfig(ProxConfig):
-    samples: int = param(1, "n: perturbation samples per step (2n extra forward passes)")
-    alpha: float = param(1.0, "perturbation radius eps = alpha / (2 sqrt 3) quantizer steps (per row)")
+    samples: int = param(1, "n: perturbation samples per step (2n extra forward passes)", ge=1)
+    alpha: float = param(1.0, "perturbation radius eps = alpha / (2 sqrt 3) quantizer steps (per row)", gt=0)
     noise: Literal["uniform", "gaussian"] = param("uniform", "unit-variance noise u (uniform matches the identity STE)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.samples < 1:
-            raise ValueError(f"samples={self.samples} must be >= 1")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha={self.alpha} must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
 class FOGZOConfig(ZOConfig):
-    beta_min: float = param(0.999, "guidance weight beta decays linearly from 1 to this over training")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.beta_min <= 1.0:
-            raise ValueError(f"beta_min={self.beta_min} must be in [0, 1]")
+    beta_min: float = param(0.999, "guidance weight beta decays linearly from 1 to this over training", ge=0, le=1)
 
 
 @METHODS.register("fogzo")
@@ -147,11 +135,26 @@ class FOGZO(STE):
                               self.generator, out=gradients)
 
     def refresh_levels(self) -> None:
-        """Also the perturbation radius per row: alpha eps_bar quantizer steps, the step being
-        (q_m - q_1) / (m - 1) (exact for uniform levels, the mean spacing for LSBQ)."""
         super().refresh_levels()
+        self.refresh_radius()
+
+    def refresh_radius(self) -> None:
+        """The perturbation radius per row: alpha eps_bar quantizer steps, the step being
+        (q_m - q_1) / (m - 1) (exact for uniform levels, the mean spacing for LSBQ)."""
         self.radius = [(self.config.alpha * EPS_BAR / (q.shape[1] - 1)) * (q[:, -1:] - q[:, :1])
                        .clamp(min=torch.finfo(q.dtype).tiny) for q in self.levels]
 
+    def extra_forward_passes(self) -> int:
+        return 2 * self.config.samples
+
     def diagnostics(self) -> dict[str, float]:
         return {"beta": self.current_beta}
+
+    def state_dict(self):
+        return {**super().state_dict(), "beta": self.current_beta}
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self.current_beta = state["beta"]
+        if self.levels:
+            self.refresh_radius()

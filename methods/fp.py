@@ -43,3 +43,10 @@ class FullPrecision(Method):
             self.levels = [estimate_levels(rows, self.quantizer) for rows in self.rows]
             self.levels_step = self.steps
         return list(zip(self.rows, self.levels))
+
+    def state_dict(self):
+        return {**super().state_dict(), "levels": self.levels, "levels_step": self.levels_step}
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self.levels, self.levels_step = self._on_device(state["levels"]), state["levels_step"]

@@ -17,19 +17,14 @@ from qatbench.schedules import normalized_mirror_sigmoid, resolve_point
 
 @dataclasses.dataclass(frozen=True)
 class PARQConfig(ProxConfig):
-    anneal_start: float = param(0.0, "training step (or fraction of training) where the slope starts to rise")
-    anneal_end: float = param(0.75, "training step (or fraction of training) from which p = hardquant(w)")
-    steepness: float = param(10.0, "k of the mirror sigmoid of the inverse slope")
-    center: float = param(0.5, "c of the mirror sigmoid (fraction of the annealing interval)")
+    anneal_start: float = param(0.0, "training step (or fraction of training) where the slope starts to rise", ge=0)
+    anneal_end: float = param(0.75, "training step (or fraction of training) from which p = hardquant(w)", ge=0)
+    steepness: float = param(10.0, "k of the mirror sigmoid of the inverse slope", gt=0)
+    center: float = param(0.5, "c of the mirror sigmoid (fraction of the annealing interval)", ge=0, le=1)
     slope_schedule: Literal["sigmoid", "aprox"] = param(
         "sigmoid", "inverse slope: annealed mirror sigmoid, or AProx's 1/gamma (gamma = max(1, sum of lr))"
     )
     quant_shrink: bool = param(False, "AProx shrinkage: quantize w / gamma instead of w")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.steepness <= 0:
-            raise ValueError(f"steepness={self.steepness} must be > 0")
 
 
 def parq_prox(latent: Tensor, levels: Tensor, inv_slope: float, bounds: Tensor | None = None,
@@ -112,8 +107,8 @@ class PARQ(ProxMethod):
         return {"inv_slope": self.inv_slope, "gamma": self.gamma}
 
     def state_dict(self):
-        return {**super().state_dict(), "cumulative_lr": self.cumulative_lr}
+        return {**super().state_dict(), "cumulative_lr": self.cumulative_lr, "inv_slope": self.inv_slope}
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
-        self.cumulative_lr = state["cumulative_lr"]
+        self.cumulative_lr, self.inv_slope = state["cumulative_lr"], state["inv_slope"]

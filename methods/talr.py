@@ -18,21 +18,15 @@ from qatbench.registry import METHODS
 
 @dataclasses.dataclass(frozen=True)
 class TALRConfig(ProxConfig):
-    rate_scale: float = param(4e-3, "lambda: R_0 = lambda sqrt(b) (paper: lambda 4e-3..6e-3; ternary b = log2 3)")
-    target_rate: float = param(0.0, "R_0 itself when > 0, overriding lambda sqrt(b)")
+    rate_scale: float = param(4e-3, "lambda: R_0 = lambda sqrt(b) (paper: lambda 4e-3..6e-3; ternary b = log2 3)",
+                              gt=0)
+    target_rate: float = param(0.0, "R_0 itself when > 0, overriding lambda sqrt(b)", ge=0, le=1)
     target_schedule: Literal["cosine", "constant"] = param("cosine", "R_t: cosine from R_0 to 0, or constant R_0")
     rule: Literal["paper", "momentum"] = param(
         "paper", "paper: U += eta (R - K), U >= 0; momentum (public code): s = m s + (1-m) s R/K, U = U_0 s")
-    momentum: float = param(0.99, "m: running-average factor of the transition rate (and of s)")
-    initial_lr: float = param(0.0, "U_0; 0 takes the quantized group's initial learning rate")
-    eta: float = param(0.0, "step of U in the paper rule; 0 takes U_0")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
-        if self.target_rate < 0 or self.rate_scale <= 0:
-            raise ValueError(f"target_rate={self.target_rate} must be >= 0 and rate_scale={self.rate_scale} > 0")
+    momentum: float = param(0.99, "m: running-average factor of the transition rate (and of s)", ge=0, lt=1)
+    initial_lr: float = param(0.0, "U_0; 0 takes the quantized group's initial learning rate", ge=0)
+    eta: float = param(0.0, "step of U in the paper rule; 0 takes U_0", ge=0)
 
 
 @METHODS.register("talr")
@@ -126,9 +120,11 @@ class TALR(STE):
 
     def state_dict(self):
         return {**super().state_dict(), "step_size": self.step_size, "running_rate": self.running_rate,
-                "scale": self.scale, "previous_indices": self.previous_indices}
+                "scale": self.scale, "previous_indices": self.previous_indices, "target": self.target}
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
-        self.step_size, self.running_rate = state["step_size"].clone(), state["running_rate"].clone()
-        self.scale, self.previous_indices = state["scale"].clone(), [d.clone() for d in state["previous_indices"]]
+        self.step_size, self.running_rate, self.scale = self._on_device(
+            [state["step_size"], state["running_rate"], state["scale"]])
+        self.previous_indices = self._on_device(state["previous_indices"])
+        self.target = state["target"]

@@ -14,15 +14,18 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 from . import leaderboard
 from .bench import bench, markdown
 from .errors import QatbenchError
-from .harness import RunSpec, resolve, resolve_device, run_all
+from .harness import RunOptions, run_all
 from .params import describe, parse_assignments
 from .quant import parse_bits
 from .registry import METHODS, TASKS, load_plugin_file
 from .results import load_records
+from .signals import Stopped, exit_code
+from .spec import RunSpec, bind_data, resolve, resolve_device
 from .sweep import expand, load_sweep, shard, shared_method_args
 from .system import environment
 
@@ -47,6 +50,13 @@ def _build_parser() -> argparse.ArgumentParser:
     execution.add_argument("--no-download", action="store_true", help="never try to download a missing data set")
     execution.add_argument("--out", type=Path, default=Path("runs"), help="folder of run records (default: runs/)")
     execution.add_argument("--force", action="store_true", help="rerun runs whose record already exists")
+    execution.add_argument("--checkpoint-minutes", type=float, default=10.0, metavar="M",
+                           help="checkpoint inside an epoch at most every M minutes (default: 10; every epoch "
+                                "regardless; 0: after every step)")
+    execution.add_argument("--keep-checkpoints", action="store_true",
+                           help="keep each run's last checkpoint after its record is written")
+    execution.add_argument("--stale-lock-hours", type=float, default=24.0, metavar="H",
+                           help="report run locks of other hosts untouched for H hours (default: 24)")
     _add_speed_options(execution)
     execution.add_argument("--shard", default=None, metavar="I/N",
                            help="run only every N-th run starting at the I-th (split a sweep over N processes)")
@@ -56,7 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--method", nargs="+", required=True, help="method name(s), see `qatbench list methods`")
     run.add_argument("--task", nargs="+", required=True, help="task name(s), see `qatbench list tasks`")
     run.add_argument("--bits", nargs="+", default=None, help="bit width(s): 1..8, or T for ternary (fp ignores it)")
-    run.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
+    run.add_argument("--seeds", nargs="+", default=["0"], help="seeds (default: 0)")
     run.add_argument("--granularity", default=None, help="channel | tensor (default: the task's)")
     run.add_argument("--quantizer", default=None, help="level set: uniform | lsbq (default: the task's)")
     run.add_argument("--recipe", default="paper", help="smoke | short | paper (default: paper)")
@@ -110,18 +120,27 @@ def _add_speed_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", action="store_true", help="NHWC memory order for conv nets")
 
 
+_DEFAULT_SPEED = {"precision": "auto", "compile": "none", "channels_last": False}
+
+
+def _speed_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"precision": args.precision, "compile": args.compile, "channels_last": args.channels_last}
+
+
 def _with_speed_options(specs: list[RunSpec], args: argparse.Namespace) -> list[RunSpec]:
-    return [dataclasses.replace(s, precision=args.precision, compile=args.compile, channels_last=args.channels_last)
-            for s in specs]
+    """The command line's speed options, where given, over a sweep file's."""
+    given = {k: v for k, v in _speed_options(args).items() if v != _DEFAULT_SPEED[k]}
+    return [dataclasses.replace(s, **given) for s in specs]
 
 
 def _specs(args: argparse.Namespace) -> list[RunSpec]:
     bits_values = [parse_bits(b) for b in args.bits] if args.bits else [None]
     method_args = shared_method_args(args.method, parse_assignments(args.method_arg, "--method-arg"))
-    return expand(args.task, method_args, bits_values, args.seeds, recipe=args.recipe,
-                  task_args=parse_assignments(args.task_arg, "--task-arg"), scheme=args.quantizer,
-                  granularity=args.granularity, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                  init=args.init, device=args.device)
+    options = {"recipe": args.recipe, "task_args": parse_assignments(args.task_arg, "--task-arg"),
+               "scheme": args.quantizer, "granularity": args.granularity, "epochs": args.epochs,
+               "batch_size": args.batch_size, "lr": args.lr, "init": args.init, "device": args.device,
+               **_speed_options(args)}
+    return expand(args.task, method_args, bits_values, args.seeds, **options)
 
 
 def _check_writable(folder: Path) -> None:
@@ -137,16 +156,30 @@ def _cmd_run(specs: list[RunSpec], args: argparse.Namespace, argv: list[str]) ->
     if args.shard:
         specs = shard(specs, args.shard)
     runs = [resolve(spec) for spec in specs]  # validate everything before training anything
+    for name in ("checkpoint_minutes", "stale_lock_hours"):
+        value = getattr(args, name)
+        if not (value >= 0 and value != float("inf")):
+            raise QatbenchError(f"--{name.replace('_', '-')} {value} must be a number >= 0")
     if getattr(args, "dry_run", False):
+        try:
+            bind_data(runs, args.data_root, download=False)
+        except QatbenchError as err:  # a dry run may be made where the data is not
+            missing = f" (run ids need the data: {err})"
+        else:
+            missing = ""
         for run in runs:
-            print(f"{run.label}: {run.run_id}")
-        print(f"{len(runs)} runs")
+            print(run.label + ("" if missing else f": {run.run_id}"))
+        print(f"{len(runs)} runs{missing}")
         return 0
     _check_writable(args.out)
-    records = run_all(runs, args.out, args.data_root, not args.no_download, args.force,
-                      log=lambda line: print(line, flush=True), command=shlex.join(["qatbench", *argv]))
+    options = RunOptions(force=args.force, checkpoint_minutes=args.checkpoint_minutes,
+                         keep_checkpoints=args.keep_checkpoints, stale_lock_s=3600 * args.stale_lock_hours,
+                         log=lambda line: print(line, flush=True), command=shlex.join(["qatbench", *argv]))
+    records = run_all(runs, args.out, args.data_root, not args.no_download, options=options)
     failed = [r for r in records if r.status != "ok"]
-    print(f"{len(records)} runs, {len(records) - len(failed)} ok; records in {args.out}/")
+    skipped = len(runs) - len(records)
+    held = f", {skipped} held by other processes" if skipped else ""
+    print(f"{len(records)} runs, {len(records) - len(failed)} ok{held}; records in {args.out}/")
     return 1 if failed else 0
 
 
@@ -157,8 +190,8 @@ def _cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
     methods = args.methods or METHODS.names()
     specs = expand([args.task], shared_method_args(methods, parse_assignments(args.method_arg, "--method-arg")),
                    [parse_bits(args.bits)], [0], task_args=parse_assignments(args.task_arg, "--task-arg"),
-                   scheme=args.quantizer, granularity=args.granularity, batch_size=args.batch_size, device=args.device)
-    specs = _with_speed_options(specs, args)
+                   scheme=args.quantizer, granularity=args.granularity, batch_size=args.batch_size, device=args.device,
+                   **_speed_options(args))
     _check_writable(args.out)
     rows = bench(specs, args.steps, args.warmup, args.rounds, args.data_root, not args.no_download)
     table = markdown(rows)
@@ -221,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         for plugin in args.plugin:
             load_plugin_file(plugin)
         if args.command == "run":
-            return _cmd_run(_with_speed_options(_specs(args), args), args, argv)
+            return _cmd_run(_specs(args), args, argv)
         if args.command == "sweep":
             return _cmd_run(_with_speed_options(load_sweep(args.file, args.device), args), args, argv)
         if args.command == "list":
@@ -232,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     except QatbenchError as err:
         print(f"qatbench: error: {err}", file=sys.stderr)
         return 2
+    except Stopped as stopped:
+        print(f"qatbench: {stopped}; every finished run's record is kept", file=sys.stderr)
+        return exit_code(stopped.signum)
     except KeyboardInterrupt:
         print("qatbench: interrupted; every finished run's record is kept", file=sys.stderr)
         return 130

@@ -1,16 +1,20 @@
 """Finding data sets on disk, and reading the IDX format of (Fashion-)MNIST.
 
-Resolution order for a data set (DESIGN.md): `--data-root`, `$QATBENCH_DATA`,
-`~/.cache/qatbench`, the system data set folders (Debian's `dataset-*` packages
-install under `/usr/share/datasets`), then a download where the library can.
-Each root is searched as given and in the data set's conventional sub-folders.
+Resolution order for a data set (DESIGN.md): a given `--data-root` is the only
+place searched (missing data there is an error, never a fallback); without it,
+`$QATBENCH_DATA`, `~/.cache/qatbench`, the system data set folders (Debian's
+`dataset-*` packages install under `/usr/share/datasets`), then a download where
+the library can. Each root is searched as given and in the data set's
+conventional sub-folders.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import struct
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,11 +30,20 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "qatbench"
 
 
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """The data a task reads: the folder (or file) it was found in and every file it reads."""
+
+    dataset: str
+    root: Path
+    files: tuple[Path, ...]
+
+
 def candidate_roots(data_root: Path | None) -> list[Path]:
-    """Every root to search, in order."""
-    roots = [data_root] if data_root is not None else []
-    if os.environ.get("QATBENCH_DATA"):
-        roots.append(Path(os.environ["QATBENCH_DATA"]))
+    """Every root to search, in order: a given `data_root` alone, else the default places."""
+    if data_root is not None:
+        return [Path(data_root).expanduser()]
+    roots = [Path(os.environ["QATBENCH_DATA"])] if os.environ.get("QATBENCH_DATA") else []
     roots += [default_cache_dir(), SYSTEM_DATA_DIR]
     return [Path(r).expanduser() for r in roots]
 
@@ -48,7 +61,9 @@ def locate(
     how_to_get: str,
     download: Callable[[Path], None] | None = None,
 ) -> Path:
-    """The first folder holding all `files` (files, plain or `.gz`, or sub-folders), downloading as a last resort."""
+    """The first folder holding all `files` (files, plain or `.gz`, or sub-folders), downloading as a last resort.
+
+    A given `data_root` is the only root searched, and nothing is downloaded for it."""
     looked: list[Path] = []
     for root in candidate_roots(data_root):
         for sub in ("", *subdirs):
@@ -56,6 +71,9 @@ def locate(
             looked.append(folder)
             if _has_files(folder, files):
                 return folder
+    places = ", ".join(str(p) for p in dict.fromkeys(looked))
+    if data_root is not None:
+        raise QatbenchError(f"{dataset} not found in --data-root {str(data_root)!r} (looked in: {places}). {how_to_get}")
     failure = ""
     if download is not None:
         target = default_cache_dir()
@@ -67,17 +85,24 @@ def locate(
             for sub in subdirs:
                 if _has_files(target / sub, files):
                     return target / sub
-    places = ", ".join(str(p) for p in dict.fromkeys(looked))
     raise QatbenchError(f"{dataset} not found (looked in: {places}){failure}. {how_to_get}")
 
 
-def open_maybe_gzip(path: Path):
-    """Open `path`, or `path.gz` if only that exists; gzip is recognised by its magic bytes."""
-    if not path.is_file():
-        path = path.with_name(path.name + ".gz")
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+def existing_file(path: Path) -> Path:
+    """`path`, or `path.gz` if only that exists."""
+    return path if path.is_file() else path.with_name(path.name + ".gz")
+
+
+def read_maybe_gzip(path: Path) -> bytes:
+    """The bytes of `path` (or `path.gz`), decompressed when gzip (recognised by its magic bytes);
+    a damaged file is a one-line error naming it."""
+    path = existing_file(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    except (OSError, EOFError, zlib.error) as err:
+        raise QatbenchError(f"cannot read {path}: {type(err).__name__}: {err}") from None
 
 
 # Written by hand: torchvision's IDX parser is private API and reads only
@@ -88,11 +113,13 @@ _IDX_DTYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: tor
 
 def read_idx(path: Path) -> Tensor:
     """Read an IDX file (the MNIST format): magic `00 00 <dtype> <ndim>`, big-endian int32 dims, data."""
-    with open_maybe_gzip(path) as f:
-        raw = f.read()
+    raw = read_maybe_gzip(path)
+    path = existing_file(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise QatbenchError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise QatbenchError(f"{path}: IDX header of {ndim} dimensions is cut short ({len(raw)} bytes)")
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = raw[4 + 4 * ndim :]
     expected = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
@@ -102,3 +129,13 @@ def read_idx(path: Path) -> Tensor:
     if dtype.itemsize > 1:  # IDX is big-endian
         tensor = tensor.view(torch.uint8).view(-1, dtype.itemsize).flip(1).reshape(-1).view(dtype)
     return tensor.reshape(shape)
+
+
+def check_labels(path: Path, labels: Tensor, num_examples: int, num_classes: int) -> None:
+    """Labels must be one per example and lie in `[0, num_classes)`; else a one-line error naming the file."""
+    if labels.dim() != 1 or len(labels) != num_examples:
+        raise QatbenchError(f"{path}: {tuple(labels.shape)} labels for {num_examples} examples; "
+                            "the label and image files do not belong together")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise QatbenchError(f"{path}: labels range over [{int(labels.min())}, {int(labels.max())}], "
+                            f"outside the task's {num_classes} classes [0, {num_classes - 1}]")

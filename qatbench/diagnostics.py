@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .method import Method
@@ -49,6 +51,15 @@ class TransitionMonitor:
                 self.changes = changed if self.changes is None else self.changes + changed
                 self.pairs += 1
             self.kept = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "kept": self.kept, "changes": self.changes, "pairs": self.pairs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.method.device
+        self.steps, self.pairs = state["steps"], state["pairs"]
+        self.kept = [d.to(device) for d in state["kept"]]
+        self.changes = None if state["changes"] is None else state["changes"].to(device)
 
     @torch.no_grad()
     def epoch_summary(self) -> dict[str, float]:

@@ -1,16 +1,20 @@
 """Runs one (method, task, bits, seed) and returns its RunRecord; runs many and keeps every finished one.
 
-The training loop is one plain function (`_train`), readable top to bottom:
-data, forward, loss, backward, `method.step(closure)`, LR schedule, per-epoch
-log and evaluation; then `finalize()`, the exactness check and the final
-evaluation.
+The training loop is one plain function (`_train`), readable top to bottom: data,
+forward, loss, backward, `method.step(closure)`, LR schedule, checkpoint, per-epoch log
+and evaluation; then `finalize()`, the exactness check and the final evaluation.
+
+Run lifecycle (DESIGN.md): take the run's lock (skip the run if a live process holds
+it) -> resume from the run's checkpoint if one exists -> train, writing an atomic
+checkpoint every epoch, every `checkpoint_minutes` and on a stop signal -> finalize ->
+exactness check -> evaluate -> write the record -> delete the checkpoint -> release
+the lock.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import itertools
 import math
 import random
@@ -19,147 +23,70 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 
-from .errors import QatbenchError, check_choice
+from . import checkpoint
+from .atomic import atomic_path
 from .diagnostics import TransitionMonitor
+from .errors import QatbenchError
+from .locks import STALE_AFTER_S, read_lock, touch, try_lock
 from .method import Method
-from .params import build_config
-from .quant import QuantizerConfig, bits_label, check_exact
-from .registry import METHODS, TASKS
-from .results import FINISHED, RunRecord, identity_hash, read_record, record_path, write_record
-from .system import PeakMemory, environment
-from .task import Recipe, Task, published
+from .quant import check_exact
+from .results import FINISHED, RunRecord, read_record, record_path, write_record
+from .signals import StopRequest, Stopped, stop_signals
+from .spec import ResolvedRun, bind_data
+from .system import PeakMemory, environment, training_state_bytes
 
 Log = Callable[[str], None]
-FP_DIAGNOSTIC_BITS = 2  # levels a full-precision run's transition diagnostics are measured against
-TIMING_WARMUP_STEPS = 10  # steps excluded from the steady-state step time (allocator, caches, compile)
-PRECISIONS = ("auto", "fp32", "bf16")
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+TIMING_WARMUP_STEPS = 10  # steps after each (re)start excluded from the steady-state step time (caches, compile)
 
 
 @dataclasses.dataclass(frozen=True)
-class RunSpec:
-    """What the user asked for; `resolve` fills in every default."""
+class RunFiles:
+    """The files of one run, all beside its record and named after it."""
 
-    method: str
-    task: str
-    bits: int | None
-    seed: int = 0
-    recipe: str = "paper"
-    method_args: dict[str, str] = dataclasses.field(default_factory=dict)
-    task_args: dict[str, str] = dataclasses.field(default_factory=dict)
-    scheme: str | None = None  # None: the task's default
-    granularity: str | None = None  # None: the task's default
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    device: str = "cpu"
-    init: str | None = None  # a full-precision checkpoint (state dict) to start from
-    precision: str = "auto"  # auto (the recipe's choice for the device) | fp32 | bf16 (autocast; evaluation stays fp32)
-    compile: str = "none"  # torch.compile mode of the model: none | default | reduce-overhead | max-autotune
-    channels_last: bool = False  # conv weights and image batches in NHWC memory order
+    record: Path
+
+    @property
+    def lock(self) -> Path:
+        return self.record.with_suffix(".lock")
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.record.with_suffix(".ckpt")
+
+    @property
+    def weights(self) -> Path:
+        return self.record.with_suffix(".pt")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How runs are executed (none of it changes a run's result)."""
+
+    force: bool = False  # rerun runs whose finished record exists
+    checkpoint_minutes: float = 10.0  # mid-epoch checkpoints at most this often (every epoch's end regardless)
+    keep_checkpoints: bool = False  # keep the last checkpoint after the record is written
+    stale_lock_s: float = STALE_AFTER_S  # report locks untouched this long as probably stale
+    log: Log = print
+    command: str | None = None
 
 
 @dataclasses.dataclass
-class ResolvedRun:
-    """A RunSpec with its plugins looked up, validated, and its identity computed."""
+class Training:
+    """Everything one run trains with; built the same way by a run and by `qatbench bench`."""
 
-    spec: RunSpec
-    method_cls: type[Method]
-    method_config: Any
-    task: Task
-    recipe: Recipe
-    quantizer: QuantizerConfig  # for a full-precision method: the levels of its diagnostics only
-    device: torch.device
-    identity: dict[str, Any]
-    run_id: str
-
-    @property
-    def precision(self) -> str:
-        """The resolved precision: fp32 or bf16."""
-        return self.identity["precision"]
-
-    @property
-    def bits(self) -> int | None:
-        return self.quantizer.bits if self.method_cls.quantizes else None
-
-    @property
-    def bits_text(self) -> str:
-        return bits_label(self.bits)
-
-    @property
-    def label(self) -> str:
-        return f"{self.task.name} {self.method_cls.name} b{self.bits_text} s{self.spec.seed}"
+    model: torch.nn.Module
+    compute_loss: LossFn
+    method: Method
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    steps_per_epoch: int
+    total_steps: int
 
 
-def resolve_device(text: str) -> torch.device:
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise QatbenchError(f"invalid device {text!r}; valid choices: cpu, cuda, cuda:N") from None
-    check_choice("device type", device.type, ("cpu", "cuda"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise QatbenchError(f"device {text!r} requested but no CUDA device is available; use --device cpu")
-    return device
-
-
-def resolve(spec: RunSpec) -> ResolvedRun:
-    """Look up and validate everything a run needs, before any training starts."""
-    method_cls = METHODS.get(spec.method)
-    task_cls = TASKS.get(spec.task)
-    method_config = build_config(method_cls.Config, spec.method_args, f"method {spec.method!r}")
-    task = task_cls(build_config(task_cls.Config, spec.task_args, f"task {spec.task!r}"))
-    check_choice("recipe", spec.recipe, task.recipes)
-    for name in ("epochs", "batch_size"):
-        value = getattr(spec, name)
-        if value is not None and value < 1:
-            raise QatbenchError(f"--{name.replace('_', '-')} {value} must be >= 1")
-    if spec.lr is not None and not (spec.lr > 0 and math.isfinite(spec.lr)):
-        raise QatbenchError(f"--lr {spec.lr} must be a positive number")
-    recipe = task.recipes[spec.recipe].with_overrides(spec.epochs, spec.batch_size, spec.lr)
-    if method_cls.quantizes and spec.bits is None:
-        raise QatbenchError(f"method {spec.method!r} quantizes: give --bits (1..8 or T)")
-    scheme = check_choice("quantizer scheme", spec.scheme or task.default_scheme, ("uniform", "lsbq"))
-    granularity = check_choice("granularity", spec.granularity or task.default_granularity, ("channel", "tensor"))
-    bits = spec.bits if method_cls.quantizes else FP_DIAGNOSTIC_BITS
-    quantizer = QuantizerConfig(bits=bits, scheme=scheme, granularity=granularity)
-    device = resolve_device(spec.device)
-    check_choice("precision", spec.precision, PRECISIONS)
-    check_choice("compile mode", spec.compile, COMPILE_MODES)
-    init = _checkpoint_identity(spec.init) if spec.init else None
-    identity = {
-        "method": method_cls.name,
-        "method_config": dataclasses.asdict(method_config),
-        "task": task_cls.name,
-        "task_config": dataclasses.asdict(task.config),
-        "recipe": spec.recipe,
-        "recipe_config": dataclasses.asdict(recipe),
-        "quantizer": dataclasses.asdict(quantizer),
-        "seed": spec.seed,
-        "device_type": device.type,
-        "init": init,
-        "precision": spec.precision if spec.precision != "auto" else (
-            recipe.cuda_precision if device.type == "cuda" else "fp32"),
-        "compile": spec.compile,
-        "channels_last": spec.channels_last,
-    }
-    return ResolvedRun(spec, method_cls, method_config, task, recipe, quantizer, device, identity, identity_hash(identity))
-
-
-def _checkpoint_identity(path_text: str) -> dict[str, str]:
-    """A checkpoint enters the run's identity by its content, not by where it lies."""
-    path = Path(path_text)
-    if not path.is_file():
-        raise QatbenchError(f"--init {path_text!r}: no such checkpoint file")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"file": path.name, "sha256": digest.hexdigest()[:16]}
-
-
-def _load_checkpoint(model: torch.nn.Module, path: str, task: str, device: torch.device) -> None:
+def _load_init(model: torch.nn.Module, path: str, task: str, device: torch.device) -> None:
     state = torch.load(path, map_location=device, weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -167,7 +94,7 @@ def _load_checkpoint(model: torch.nn.Module, path: str, task: str, device: torch
                             f"({', '.join(missing[:3])}...), {len(unexpected)} unexpected ({', '.join(unexpected[:3])}...)")
 
 
-def loss_function(run: ResolvedRun, model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def loss_function(run: ResolvedRun, model: torch.nn.Module) -> LossFn:
     """The batch loss under the run's speed options: channels-last memory, bf16 autocast, torch.compile.
 
     The methods keep acting on `model`'s own parameters; a compiled model reads them on
@@ -187,36 +114,72 @@ def loss_function(run: ResolvedRun, model: torch.nn.Module) -> Callable[[torch.T
     return compute_loss
 
 
-def train_step(compute_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], method: Method,
-               inputs: torch.Tensor, targets: torch.Tensor, grad_clip: float = 0.0) -> torch.Tensor:
+def build_training(run: ResolvedRun, steps_per_epoch: int, method_generator: torch.Generator) -> Training:
+    """A fresh model (from `--init` when given), its loss, base optimizer, LR schedule and the method."""
+    model = run.task.build_model().to(run.device)
+    if run.spec.init:
+        _load_init(model, run.spec.init, run.task.name, run.device)
+    compute_loss = loss_function(run, model)  # before the optimizer: it may change the weights' memory format
+    optimizer = run.recipe.make_optimizer(run.task.param_groups(model))
+    total_steps = run.recipe.epochs * steps_per_epoch
+    scheduler = run.recipe.make_scheduler(optimizer, steps_per_epoch)
+    method = run.method_cls(run.method_config, optimizer, run.quantizer, total_steps, method_generator)
+    return Training(model, compute_loss, method, scheduler, steps_per_epoch, total_steps)
+
+
+def train_step(compute_loss: LossFn, method: Method, model: torch.nn.Module, inputs: torch.Tensor,
+               targets: torch.Tensor, grad_clip: float = 0.0) -> torch.Tensor:
     """One step: forward and backward at the model's current weights, optional gradient-norm
     clipping, then the method's step.
 
     The closure re-evaluates this batch's loss at whatever weights the method has set,
-    forward only (FOGZO's probes)."""
+    forward only (FOGZO's probes). Each probe sees the step's own randomness (the same
+    dropout and stochastic-depth draws as the forward that took the gradient, so that every
+    probe and the gradient measure one function of the weights) and leaves the model's
+    buffers (BatchNorm's running statistics) as the training forward left them."""
+    probing = method.extra_forward_passes() > 0
+    rng_before = _rng_snapshot(inputs.device) if probing else None
     loss = compute_loss(inputs, targets)
     loss.backward()
     if grad_clip > 0:
         params = [p for group in method.optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    closure = None
+    if probing:
+        rng_after = _rng_snapshot(inputs.device)
+        buffers = list(model.buffers())
+        kept = [b.clone() for b in buffers]
 
-    def closure() -> torch.Tensor:
-        with torch.no_grad():
-            return compute_loss(inputs, targets)
+        def closure() -> torch.Tensor:
+            _rng_restore(rng_before)
+            with torch.no_grad():
+                probe = compute_loss(inputs, targets)
+            if buffers:
+                torch._foreach_copy_(buffers, kept)
+            _rng_restore(rng_after)
+            return probe
 
     method.step(closure)
     method.zero_grad()
     return loss
 
 
+def _rng_snapshot(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The global generators a forward pass draws from (dropout, stochastic depth): CPU and the device's."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _rng_restore(snapshot: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    cpu, cuda = snapshot
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+
+
 def _seed_everything(seed: int) -> None:
     """Seed torch, and the global RNGs some libraries draw from (timm's mixup uses numpy's)."""
     torch.manual_seed(seed)
     random.seed(seed)
-    try:
-        import numpy
-    except ImportError:
-        return
     numpy.random.seed(seed)
 
 
@@ -225,57 +188,140 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _train(run: ResolvedRun, record: RunRecord, data_root: Path | None, download: bool, log: Log,
-           checkpoint: Path | None) -> None:
-    """Train, finalize, check exactness and evaluate, filling `record` as it goes."""
-    device, recipe, task = run.device, run.recipe, run.task
-    _seed_everything(run.spec.seed)
-    data_generator = torch.Generator(device).manual_seed(run.spec.seed)
-    method_generator = torch.Generator(device).manual_seed(run.spec.seed + 1)
-    memory = PeakMemory(device)
-    memory.start()
+class SteadyClock:
+    """Steady-state training time: every stretch of training (an epoch, or its part after a resume)
+    after the first `warmup` steps of the process, without the time spent writing checkpoints; the
+    device is synchronised at the edges of each measured stretch."""
 
-    data = task.load_data(data_root, device, recipe.batch_size, data_generator, download)
+    def __init__(self, device: torch.device, warmup: int, saved: dict[str, Any] | None = None) -> None:
+        self.device, self.warmup = device, warmup
+        self.totals = {"steady_train_s": 0.0, "steady_steps": 0, "eval_s": 0.0, "checkpoint_s": 0.0,
+                       "checkpoints": 0, **(saved or {})}
+        self.process_start = time.perf_counter()
+        self.steps_here = 0
+        self.stretch_start: float | None = None
+        self.stretch_steps = 0
+        self.paused = 0.0
+
+    def begin(self) -> None:
+        if self.steps_here >= self.warmup:
+            _sync(self.device)
+            self.stretch_start, self.stretch_steps, self.paused = time.perf_counter(), 0, 0.0
+
+    def step_done(self) -> None:
+        self.steps_here += 1
+        if self.stretch_start is not None:
+            self.stretch_steps += 1
+        elif self.steps_here == self.warmup:
+            _sync(self.device)
+            self.totals.setdefault("warmup_s", time.perf_counter() - self.process_start)
+            self.stretch_start, self.stretch_steps, self.paused = time.perf_counter(), 0, 0.0
+
+    def end(self) -> None:
+        _sync(self.device)
+        if self.stretch_start is not None:
+            self.totals["steady_train_s"] += time.perf_counter() - self.stretch_start - self.paused
+            self.totals["steady_steps"] += self.stretch_steps
+        self.stretch_start = None
+
+    def add(self, key: str, seconds: float) -> None:
+        """Time spent outside training (evaluation, checkpoints); it is not training time."""
+        self.totals[key] = self.totals.get(key, 0.0) + seconds
+        if self.stretch_start is not None:
+            self.paused += seconds
+
+
+@dataclasses.dataclass
+class Position:
+    """Where training stands: `step_in_epoch == steps_per_epoch` means the epoch is trained, its evaluation pending."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0  # optimizer steps since the start of training
+
+
+def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options: RunOptions,
+           stop: StopRequest) -> None:
+    """Train (resuming from the run's checkpoint when there is one), finalize, check exactness and
+    evaluate, filling `record` as it goes. Without `files`, nothing is written to disk."""
+    device, recipe, task, log = run.device, run.recipe, run.task, options.log
+    _seed_everything(run.spec.seed)
+    generators = {"data": torch.Generator(device).manual_seed(run.spec.seed),
+                  "method": torch.Generator(device).manual_seed(run.spec.seed + 1)}
+    data = task.load_data(run.data, device, recipe.batch_size, generators["data"])
     record.num_train, record.num_test = data.num_train, data.num_test
-    model = task.build_model().to(device)
-    if run.spec.init:
-        _load_checkpoint(model, run.spec.init, task.name, device)
-    compute_loss = loss_function(run, model)
-    optimizer = recipe.make_optimizer(task.param_groups(model))
+    memory = PeakMemory(device)
+    memory.start()  # the data is resident: the peak from here on is training's
+
     steps_per_epoch = min(len(data.train), recipe.epoch_steps or len(data.train))
     if steps_per_epoch == 0:
         raise QatbenchError(f"batch size {recipe.batch_size} exceeds the {data.num_train} training examples")
-    total_steps = recipe.epochs * steps_per_epoch
-    scheduler = recipe.make_scheduler(optimizer, steps_per_epoch)
-    method = run.method_cls(run.method_config, optimizer, run.quantizer, total_steps, method_generator)
+    training = build_training(run, steps_per_epoch, generators["method"])
+    model, method, scheduler = training.model, training.method, training.scheduler
     monitor = TransitionMonitor(method)
+    position = Position()
+    loss_sum = torch.zeros((), device=device)
 
-    timing = {"warmup_steps": min(TIMING_WARMUP_STEPS, total_steps // 2), "steady_train_s": 0.0, "eval_s": 0.0}
-    steady_steps = 0
+    saved = checkpoint.load(files.checkpoint, run.run_id) if files and files.checkpoint.exists() else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        method.load_state_dict(saved["method"])
+        scheduler.load_state_dict(saved["scheduler"])
+        monitor.load_state_dict(saved["monitor"])
+        data.train.load_state_dict(saved["batches"])
+        checkpoint.set_random_states(saved["random"], generators)
+        position = Position(**saved["position"])
+        loss_sum = saved["loss_sum"].to(device)
+        for key in ("history", "best_epoch_metric", "epochs_completed", "resumed"):
+            setattr(record, key, saved["record"][key])
+        record.resumed.append({"step": position.step, "epoch": position.epoch,
+                               "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+        log(f"[{run.label}] resumed from {files.checkpoint} at step {position.step} "
+            f"(epoch {position.epoch + 1}, resume {len(record.resumed)})")
+    clock = SteadyClock(device, min(TIMING_WARMUP_STEPS, training.total_steps // 2),
+                        saved["timing"] if saved is not None else None)
     start = time.perf_counter()
-    step = 0
-    for epoch in range(recipe.epochs):
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        epoch_start = time.perf_counter()
-        for inputs, targets in itertools.islice(data.train, steps_per_epoch):
-            if step == timing["warmup_steps"]:
-                _sync(device)
-                timing["warmup_s"] = time.perf_counter() - start
-                epoch_start = time.perf_counter()
-                steady_steps -= step - epoch * steps_per_epoch
-            loss = train_step(compute_loss, method, inputs, targets, recipe.grad_clip)
-            monitor.after_step()
-            scheduler.step()
-            loss_sum += loss.detach()
-            step += 1
-        _sync(device)
-        timing["steady_train_s"] += time.perf_counter() - epoch_start
-        steady_steps += steps_per_epoch
+    last_checkpoint = time.monotonic()
+
+    def write_checkpoint() -> None:
+        if files is None:
+            return
+        payload = {"run_id": run.run_id, "identity": run.identity, "position": dataclasses.asdict(position),
+                   "model": model.state_dict(), "method": method.state_dict(), "scheduler": scheduler.state_dict(),
+                   "monitor": monitor.state_dict(), "batches": data.train.state_dict(),
+                   "random": checkpoint.random_states(generators), "loss_sum": loss_sum, "timing": clock.totals,
+                   "record": {"history": record.history, "best_epoch_metric": record.best_epoch_metric,
+                              "epochs_completed": record.epochs_completed, "resumed": record.resumed}}
+        seconds, size = checkpoint.save(files.checkpoint, payload)
+        clock.add("checkpoint_s", seconds)
+        clock.totals["checkpoints"] += 1
+        clock.totals["checkpoint_bytes"] = size
+        touch(files.lock)  # a sign of life for anyone looking at the run's lock
+
+    for epoch in range(position.epoch, recipe.epochs):
+        remaining = steps_per_epoch - position.step_in_epoch
+        if remaining > 0:
+            model.train()
+            clock.begin()
+            for inputs, targets in itertools.islice(data.train, remaining):
+                loss = train_step(training.compute_loss, method, model, inputs, targets, recipe.grad_clip)
+                monitor.after_step()
+                scheduler.step()
+                loss_sum += loss.detach()
+                position.step_in_epoch += 1
+                position.step += 1
+                clock.step_done()
+                due = time.monotonic() - last_checkpoint >= 60 * options.checkpoint_minutes
+                if stop or (due and position.step_in_epoch < steps_per_epoch):
+                    write_checkpoint()
+                    last_checkpoint = time.monotonic()
+                    if stop:
+                        raise Stopped(stop.signum, position.step)
+            clock.end()
         mean_loss = loss_sum.item() / steps_per_epoch
         eval_start = time.perf_counter()
         metric = task.evaluate(model, data.test) if math.isfinite(mean_loss) else float("nan")
-        timing["eval_s"] += time.perf_counter() - eval_start
+        clock.add("eval_s", time.perf_counter() - eval_start)
         record.epochs_completed = epoch + 1
         record.history.append({"epoch": epoch + 1, "train_loss": mean_loss, task.metric: metric,
                                "lr": scheduler.get_last_lr()[0], **method.diagnostics(), **monitor.epoch_summary()})
@@ -286,17 +332,24 @@ def _train(run: ResolvedRun, record: RunRecord, data_root: Path | None, download
             break
         finite = [h[task.metric] for h in record.history]
         record.best_epoch_metric = max(finite) if task.higher_is_better else min(finite)
+        position = Position(epoch + 1, 0, position.step)
+        loss_sum = torch.zeros((), device=device)
+        write_checkpoint()  # after the last epoch too: a run killed while finishing resumes here
+        last_checkpoint = time.monotonic()
+        if stop:
+            raise Stopped(stop.signum, position.step)
 
-    timing["steady_step_ms"] = 1000 * timing["steady_train_s"] / max(1, steady_steps)
-    timing["steady_steps"] = steady_steps
+    timing = clock.totals
+    timing["warmup_steps"] = clock.warmup
+    timing["steady_step_ms"] = 1000 * timing["steady_train_s"] / max(1, timing["steady_steps"])
     if timing["steady_train_s"] > 0:
-        timing["samples_per_s"] = steady_steps * recipe.batch_size / timing["steady_train_s"]
+        timing["samples_per_s"] = timing["steady_steps"] * recipe.batch_size / timing["steady_train_s"]
         if task.tokens_per_sample():
             timing["tokens_per_s"] = timing["samples_per_s"] * task.tokens_per_sample()
     timing["train_s"] = time.perf_counter() - start - timing["eval_s"]
     record.timing = timing
+    record.memory = {**memory.read(), "state_bytes": training_state_bytes(model, method)}
     if record.status == "diverged":
-        record.memory = memory.read()
         return
     method.finalize()
     quantized = [(n, p) for n, p in model.named_parameters() if task.is_quantized(n, p)]
@@ -312,31 +365,43 @@ def _train(run: ResolvedRun, record: RunRecord, data_root: Path | None, download
     eval_start = time.perf_counter()
     record.metric = task.evaluate(model, data.test)
     timing["final_eval_s"] = time.perf_counter() - eval_start
-    record.memory = memory.read()
-    if checkpoint is not None:
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), checkpoint)
-        record.checkpoint = str(checkpoint)
+    if files is not None and not run.method_cls.quantizes:  # the starting point of fine-tuning QAT (--init)
+        with atomic_path(files.weights) as tmp:
+            torch.save(model.state_dict(), tmp)
+        record.checkpoint = str(files.weights)
     record.status = "ok"
 
 
-def execute(run: ResolvedRun, data_root: Path | None = None, download: bool = True, log: Log = print,
-            command: str | None = None, checkpoint: Path | None = None) -> RunRecord:
-    """One run. Training failures become a record status; user errors (bad data path) raise.
-
-    With `checkpoint`, the final model's state dict is saved there (what `--init` takes)."""
-    record = RunRecord(
-        run_id=run.run_id, spec=run.identity, method=run.method_cls.name, task=run.task.name,
-        bits=run.bits, seed=run.spec.seed, status="error",
-        metric_name=run.task.metric, higher_is_better=run.task.higher_is_better,
-        reference_fp=published(run.task.name).get("fp"), environment=environment(run.device), command=command,
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+def new_record(run: ResolvedRun, command: str | None) -> RunRecord:
+    """The record of `run` before it trains (status `error` until it finishes)."""
+    return RunRecord(
+        run_id=run.run_id, spec=run.identity, method=run.method_cls.name, task=run.task.name, bits=run.bits,
+        seed=run.spec.seed, status="error", metric_name=run.task.metric, higher_is_better=run.task.higher_is_better,
+        quantized=run.method_cls.quantizes, data=run.data_fingerprint.to_dict(), environment=environment(run.device),
+        command=command, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def execute(run: ResolvedRun, data_root: Path | None = None, download: bool = True, log: Log = print,
+            command: str | None = None, files: RunFiles | None = None, options: RunOptions | None = None,
+            stop: StopRequest | None = None) -> RunRecord:
+    """One run. Training failures become a record status; user errors (a bad data path) raise.
+
+    `files` says where the run's checkpoint and final weights go (without it nothing is written: the
+    run neither resumes nor can be resumed); a stop request ends the run as `interrupted` once its
+    checkpoint is written."""
+    if run.data_fingerprint is None:
+        bind_data([run], data_root, download)
+    options = options or RunOptions(log=log, command=command)
+    record = new_record(run, options.command)
     start = time.perf_counter()
     try:
-        _train(run, record, data_root, download, log, checkpoint)
+        _train(run, record, files, options, stop if stop is not None else StopRequest())
     except QatbenchError:
         raise
+    except Stopped as err:
+        record.status, record.message = "interrupted", str(err)
+        record.timing["stopped_at_step"] = err.step
     except KeyboardInterrupt:
         record.status, record.message = "interrupted", "interrupted by the user (Ctrl-C)"
     except torch.OutOfMemoryError as err:
@@ -347,33 +412,60 @@ def execute(run: ResolvedRun, data_root: Path | None = None, download: bool = Tr
     return record
 
 
-def run_all(runs: list[ResolvedRun], out_dir: Path, data_root: Path | None = None, download: bool = True,
-            force: bool = False, log: Log = print, command: str | None = None) -> list[RunRecord]:
-    """Run each spec whose record is missing or unfinished; write each record as soon as it exists.
+def _finished(path: Path) -> RunRecord | None:
+    """The finished record at `path`, or None (missing, unreadable, or not finished)."""
+    try:
+        existing = read_record(path)
+    except (OSError, ValueError):
+        return None
+    return existing if existing.status in FINISHED else None
 
-    A Ctrl-C ends the sweep after the interrupted run's record is written; every
-    record written before it stays.
-    """
+
+def run_all(runs: list[ResolvedRun], out_dir: Path, data_root: Path | None = None, download: bool = True,
+            force: bool = False, log: Log = print, command: str | None = None,
+            options: RunOptions | None = None) -> list[RunRecord]:
+    """Run each run whose record is missing or unfinished and that no other process is running; write each
+    record as soon as it exists.
+
+    Several processes may share `out_dir`: a run is trained by whoever takes its lock first. A Ctrl-C or a
+    stop signal ends the sweep after the interrupted run's record (and checkpoint) is written; every record
+    written before it stays. The stop signal is re-raised as `Stopped`, Ctrl-C as KeyboardInterrupt."""
+    options = options or RunOptions(force=force, log=log, command=command)
+    log = options.log
+    bind_data([r for r in runs if r.data_fingerprint is None], data_root, download)
     records = []
-    for run in runs:
-        path = record_path(out_dir, run.task.name, run.method_cls.name, run.bits_text, run.spec.seed, run.run_id)
-        if path.exists() and not force:
-            try:
-                existing = read_record(path)
-            except (OSError, ValueError, TypeError, KeyError):
-                existing = None
-            if existing is not None and existing.status in FINISHED:
-                log(f"[{run.label}] skipped: record exists ({path}); --force reruns it")
+    with stop_signals() as stop:
+        for run in runs:
+            files = RunFiles(record_path(out_dir, run.task.name, run.method_cls.name, run.bits_text, run.spec.seed,
+                                         run.run_id))
+            existing = None if options.force else _finished(files.record)
+            if existing is not None:
+                log(f"[{run.label}] skipped: record exists ({files.record}); --force reruns it")
                 records.append(existing)
                 continue
-        # full-precision runs keep their weights: the starting point of fine-tuning QAT (--init)
-        checkpoint = None if run.method_cls.quantizes else path.with_suffix(".pt")
-        record = execute(run, data_root, download, log, command, checkpoint)
-        write_record(path, record)
-        records.append(record)
-        log(summary_line(run.label, record, path))
-        if record.status == "interrupted":
-            raise KeyboardInterrupt
+            lock = try_lock(files.lock)
+            if lock is None:
+                info = read_lock(files.lock)
+                held = info.describe() if info else "held by another process"
+                stale = (f"; no sign of life for {info.age_s / 3600:.1f} h: if its owner is gone, delete "
+                         f"{files.lock}" if info and info.age_s > options.stale_lock_s else "")
+                log(f"[{run.label}] skipped: {held}{stale}")
+                continue
+            with lock:
+                existing = None if options.force else _finished(files.record)
+                if existing is not None:  # another process finished it while we looked
+                    records.append(existing)
+                    continue
+                record = execute(run, files=files, options=options, stop=stop)
+                write_record(files.record, record)
+                if record.status in FINISHED and not options.keep_checkpoints:
+                    files.checkpoint.unlink(missing_ok=True)
+            records.append(record)
+            log(summary_line(run.label, record, files.record))
+            if record.status == "interrupted":
+                if stop:
+                    raise Stopped(stop.signum, record.timing.get("stopped_at_step", 0))
+                raise KeyboardInterrupt
     return records
 
 

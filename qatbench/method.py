@@ -51,6 +51,14 @@ class Method(ABC):
         """The parameters of the groups the task marked as quantized."""
         return [p for g in self.optimizer.param_groups if g.get("quant") for p in g["params"]]
 
+    @property
+    def device(self) -> torch.device:
+        return self.optimizer.param_groups[0]["params"][0].device
+
+    def extra_forward_passes(self) -> int:
+        """Forward passes of the batch that `step` makes through its closure (FOGZO's probes: 2n)."""
+        return 0
+
     @abstractmethod
     def step(self, closure: Closure | None = None) -> None:
         """One QAT step, after the harness's forward + backward."""
@@ -70,23 +78,26 @@ class Method(ABC):
         return []
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything `step`, `finalize` and `diagnostics` read, so that a loaded method continues exactly
+        (the method generator's state is saved by the harness with the other generators)."""
         return {"optimizer": self.optimizer.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`; tensors may come from the CPU and are moved to the parameters' device."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps = state["steps"]
+
+    def _on_device(self, tensors: list[Tensor]) -> list[Tensor]:
+        return [t.to(self.device, copy=True) for t in tensors]
 
 
 @dataclasses.dataclass(frozen=True)
 class ProxConfig:
     """Hyper-parameters shared by every method of the optimizer-wrapper form."""
 
-    warmup: float = param(0.0, "steps (or fraction of training) of plain full-precision training before QAT starts")
-    quant_period: int = param(10, "re-estimate the levels Q every this many steps")
-
-    def __post_init__(self) -> None:
-        if self.quant_period < 1:
-            raise ValueError(f"quant_period={self.quant_period} must be >= 1")
+    warmup: float = param(0.0, "steps (or fraction of training) of plain full-precision training before QAT starts",
+                          ge=0)
+    quant_period: int = param(10, "re-estimate the levels Q every this many steps", ge=1)
 
 
 class ProxMethod(Method):
@@ -201,7 +212,7 @@ class ProxMethod(Method):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.latent = [w.clone() for w in state["latent"]]
+        self.latent = self._on_device(state["latent"])
         self.latent_rows = [self._rows(w) for w in self.latent]
-        self.levels = [q.clone() for q in state["levels"]]
+        self.levels = self._on_device(state["levels"])
         self.bounds = [midpoints(q) for q in self.levels]

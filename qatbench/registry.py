@@ -12,6 +12,7 @@ import fnmatch
 import importlib
 import importlib.util
 import pkgutil
+import re
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -21,6 +22,16 @@ from typing import Generic, TypeVar
 from .errors import QatbenchError, valid_choices
 
 T = TypeVar("T", bound=type)
+
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+"""What a method or task may be called: it names record files and leaderboard pages, so no path separators."""
+
+
+def check_name(kind: str, name: object) -> str:
+    """`name` if it is a valid plugin name (lower-case letters, digits, '.', '_', '-'), else a one-line error."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise QatbenchError(f"invalid {kind} name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
+    return name
 
 
 class Registry(Generic[T]):
@@ -33,6 +44,8 @@ class Registry(Generic[T]):
         self._discovered = False
 
     def register(self, name: str) -> Callable[[T], T]:
+        check_name(self.kind, name)
+
         def decorate(cls: T) -> T:
             known = self._entries.get(name)
             if known is not None and known is not cls:
@@ -48,7 +61,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         self._discover()
-        if name not in self._entries:
+        if not isinstance(name, str) or name not in self._entries:
             raise QatbenchError(f"unknown {self.kind} {name!r}; {valid_choices(name, self._entries)}")
         return self._entries[name]
 

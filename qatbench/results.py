@@ -1,22 +1,31 @@
-"""RunRecord: one JSON file per run, written atomically, named by the run's identity."""
+"""RunRecord: one JSON file per run, written atomically, named by the run's identity.
+
+Records are untrusted input when read back (they are shared, copied and edited): every
+field is type-checked against the schema, a record of another schema version is refused,
+names that become file names are checked, and the same run found twice counts once.
+Records are strict JSON: a NaN or infinity is written as null.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
+import math
+import re
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .atomic import is_temporary, write_text_atomic
 from .errors import QatbenchError
+from .registry import check_name
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("ok", "diverged", "oom", "interrupted", "error")
 FINISHED = ("ok", "diverged")  # statuses that are results; the others are retried on the next run
+RUN_ID = re.compile(r"[0-9a-f]{12}")
 
 
 def identity_hash(resolved: dict[str, Any]) -> str:
@@ -38,17 +47,19 @@ class RunRecord:
     status: str
     metric_name: str
     higher_is_better: bool
+    quantized: bool = True  # False for the full-precision baseline
     metric: float | None = None  # final, after finalize(), on the whole test split
     best_epoch_metric: float | None = None  # best per-epoch value at the training-time weights
-    reference_fp: float | None = None  # the task's published FP number, where known
     epochs_completed: int = 0
     num_train: int | None = None
     num_test: int | None = None
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)  # path, fingerprint, files, bytes
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per-epoch loss, metric, diagnostics
     timing: dict[str, Any] = dataclasses.field(default_factory=dict)
     memory: dict[str, Any] = dataclasses.field(default_factory=dict)
     exactness: dict[str, Any] = dataclasses.field(default_factory=dict)
     environment: dict[str, Any] = dataclasses.field(default_factory=dict)
+    resumed: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # each resume: step, epoch, time
     message: str | None = None  # for statuses other than ok
     checkpoint: str | None = None  # where the final weights were saved (full-precision runs)
     command: str | None = None
@@ -56,53 +67,120 @@ class RunRecord:
     schema: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+        """Strict JSON (no NaN or infinity: they become null), keys sorted."""
+        return json.dumps(_finite(dataclasses.asdict(self)), indent=1, sort_keys=True, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING} - set(data)
-        if missing:
-            raise ValueError(f"missing fields {sorted(missing)}")
+    def from_dict(cls, data: Any) -> RunRecord:
+        """A record from parsed JSON, every field type-checked; ValueError names the first bad field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a record is a JSON object, not {type(data).__name__}")
+        if data.get("schema") != SCHEMA_VERSION:
+            raise ValueError(f"field 'schema' is {data.get('schema')!r}; this qatbench reads schema {SCHEMA_VERSION}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, f in fields.items():
+            if name not in data:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise ValueError(f"field {name!r} is missing")
+                continue
+            _check_type(name, data[name], _FIELD_TYPES[name])
+        if not RUN_ID.fullmatch(data["run_id"]):
+            raise ValueError(f"field 'run_id' is {data['run_id']!r}, not 12 hex digits")
         if data["status"] not in STATUSES:
-            raise ValueError(f"unknown status {data['status']!r}")
-        return cls(**{k: v for k, v in data.items() if k in names})
+            raise ValueError(f"field 'status' is {data['status']!r}; valid: {', '.join(STATUSES)}")
+        for name in ("method", "task"):
+            try:
+                check_name(name, data[name])
+            except QatbenchError as err:
+                raise ValueError(f"field {name!r}: {err}") from None
+        if data["bits"] is not None and not 0 <= data["bits"] <= 8 or data["seed"] < 0:
+            raise ValueError(f"field 'bits' ({data['bits']!r}) or 'seed' ({data['seed']!r}) is out of range")
+        for entry in data.get("history", []):
+            if not isinstance(entry, dict):
+                raise ValueError("field 'history' must be a list of objects")
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+_NUMBER = (int, float)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "run_id": (str,), "spec": (dict,), "method": (str,), "task": (str,), "bits": (int, type(None)),
+    "seed": (int,), "status": (str,), "metric_name": (str,), "higher_is_better": (bool,), "quantized": (bool,),
+    "metric": (*_NUMBER, type(None)), "best_epoch_metric": (*_NUMBER, type(None)), "epochs_completed": (int,),
+    "num_train": (int, type(None)), "num_test": (int, type(None)), "data": (dict,), "history": (list,),
+    "timing": (dict,), "memory": (dict,), "exactness": (dict,), "environment": (dict,),
+    "resumed": (list,), "message": (str, type(None)), "checkpoint": (str, type(None)), "command": (str, type(None)),
+    "created": (str, type(None)), "schema": (int,),
+}
+
+
+def _check_type(name: str, value: Any, types: tuple[type, ...]) -> None:
+    bool_ok = bool in types
+    if isinstance(value, bool) and not bool_ok or not isinstance(value, types):
+        expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        raise ValueError(f"field {name!r} is {type(value).__name__} {value!r:.40}, expected {expected}")
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def record_path(out_dir: Path, task: str, method: str, bits_text: str, seed: int, run_id: str) -> Path:
+    """`out_dir/<task>/<method>-b<bits>-s<seed>-<run id>.json`; every part is checked, so the path stays in `out_dir`."""
+    check_name("task", task)
+    check_name("method", method)
+    if bits_text not in ("FP", "T") and not bits_text.isdigit() or not isinstance(seed, int) or seed < 0 \
+            or not RUN_ID.fullmatch(run_id):
+        raise QatbenchError(f"invalid record name parts: bits {bits_text!r}, seed {seed!r}, run id {run_id!r}")
     return Path(out_dir) / task / f"{method}-b{bits_text}-s{seed}-{run_id}.json"
 
 
 def write_record(path: Path, record: RunRecord) -> None:
-    """Write atomically: a temporary file in the same folder, then `os.replace`."""
+    """Write atomically (a temporary file, then a rename); a failed write leaves no temporary file."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            f.write(record.to_json())
-        os.replace(tmp, path)
+        write_text_atomic(path, record.to_json())
     except OSError as err:
         raise QatbenchError(f"cannot write run record {path}: {err.strerror or err}") from None
 
 
 def read_record(path: Path) -> RunRecord:
-    return RunRecord.from_dict(json.loads(Path(path).read_text()))
+    """A checked record; ValueError (bad content) or OSError (unreadable) otherwise."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not UTF-8 text ({err.reason})") from None
+    return RunRecord.from_dict(data)
 
 
 def load_records(paths: Iterable[str | Path]) -> list[RunRecord]:
-    """Records from files and folders (searched recursively); malformed files are skipped with a warning."""
-    records = []
+    """Records from files and folders (searched recursively). A malformed record is skipped with a warning
+    naming the file and the field; a run found twice (a copied file, a folder given twice) counts once."""
+    records: list[RunRecord] = []
+    seen: dict[str, Path] = {}
+    files: list[Path] = []
     for root in paths:
         root = Path(root)
         if not root.exists():
             raise QatbenchError(f"no such file or folder: {root}")
-        files = sorted(root.rglob("*.json")) if root.is_dir() else [root]
-        for file in files:
-            if file.name.startswith(".tmp-"):
-                continue
-            try:
-                records.append(read_record(file))
-            except (OSError, ValueError, TypeError, KeyError) as err:
-                warnings.warn(f"skipping malformed record {file}: {err}", stacklevel=2)
+        files += sorted(root.rglob("*.json")) if root.is_dir() else [root]
+    for file in files:
+        if is_temporary(file):
+            continue
+        try:
+            record = read_record(file)
+        except (OSError, ValueError) as err:
+            warnings.warn(f"skipping malformed record {file}: {err}", stacklevel=2)
+            continue
+        if record.run_id in seen:
+            warnings.warn(f"skipping {file}: run {record.run_id} was already read from {seen[record.run_id]} "
+                          "(counted once)", stacklevel=2)
+            continue
+        seen[record.run_id] = file
+        records.append(record)
     return records

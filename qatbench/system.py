@@ -1,9 +1,12 @@
-"""What a run ran on: versions, device, git commit; and its peak memory."""
+"""What a run ran on: versions, device, git commit; its peak memory and the bytes of its training state."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import platform
 import re
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -49,21 +52,26 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device_name": device_name,
         "cpu_threads": torch.get_num_threads(),
         "git_commit": git_commit(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
     }
 
 
 class PeakMemory:
-    """Peak memory of one run.
+    """Peak memory of a run's training, from `start()` (called once the data is resident) on.
 
     On CUDA: `torch.cuda.max_memory_allocated` / `max_memory_reserved` since `start()`.
-    On CPU: the process's peak resident set size (VmHWM). Linux lets a process reset
-    that mark (`echo 5 > /proc/self/clear_refs`), so the figure belongs to this run
-    alone; where it cannot be reset, `rss_scope` says it is the process-wide peak.
+    On CPU: the process's peak resident set size (VmHWM) and its increase over the resident
+    size at `start()`, which is what training added (the process's libraries and data set
+    are in the baseline). Linux lets a process reset the peak mark (`echo 5 >
+    /proc/self/clear_refs`), so the peak belongs to this run alone; where it cannot be
+    reset, `rss_scope` says it is the process-wide peak.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.rss_scope = "run"
+        self.baseline_rss_mb: float | None = None
 
     def start(self) -> None:
         if self.device.type == "cuda":
@@ -72,13 +80,46 @@ class PeakMemory:
             _CLEAR_REFS.write_text("5")
         except OSError:
             self.rss_scope = "process"
+        self.baseline_rss_mb = _status_mb("VmRSS")
 
     def read(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"peak_rss_mb": _peak_rss_mb(), "rss_scope": self.rss_scope}
+        peak = _peak_rss_mb()
+        out: dict[str, Any] = {"peak_rss_mb": peak, "rss_scope": self.rss_scope, "baseline_rss_mb": self.baseline_rss_mb}
+        if peak is not None and self.baseline_rss_mb is not None and self.rss_scope == "run":
+            out["peak_rss_increase_mb"] = peak - self.baseline_rss_mb
         if self.device.type == "cuda":
             out["peak_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             out["peak_reserved_mb"] = torch.cuda.max_memory_reserved(self.device) / 2**20
         return out
+
+
+def _tensor_bytes(obj: Any, seen: set[int]) -> int:
+    """Bytes of every distinct tensor storage in a nested structure of dicts, lists and tensors."""
+    if isinstance(obj, torch.Tensor):
+        key = obj.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def training_state_bytes(model: torch.nn.Module, method: Any) -> dict[str, int]:
+    """Bytes of the training state, measured from the tensors, each storage counted once: parameters and
+    buffers, gradients (one per trainable parameter, allocated by every backward), the base optimizer's
+    state, and the method's own state (latent weights, level tables, ...)."""
+    seen: set[int] = set()
+    parameters = sum(_tensor_bytes(t, seen) for t in itertools.chain(model.parameters(), model.buffers()))
+    gradients = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    optimizer = _tensor_bytes(method.optimizer.state_dict()["state"], seen)
+    state = {k: v for k, v in method.state_dict().items() if k != "optimizer"}
+    own = _tensor_bytes(state, seen)
+    return {"parameters": parameters, "gradients": gradients, "optimizer": optimizer, "method": own,
+            "total": parameters + gradients + optimizer + own}
 
 
 def _cpu_model() -> str | None:
@@ -89,13 +130,19 @@ def _cpu_model() -> str | None:
     return match.group(1).strip() if match else None
 
 
-def _peak_rss_mb() -> float | None:
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MB, or None where there is none."""
     try:
-        match = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text())
+        match = re.search(rf"{field}:\s+(\d+) kB", _STATUS.read_text())
     except OSError:
-        match = None
-    if match is None:
+        return None
+    return int(match.group(1)) / 1024 if match else None
+
+
+def _peak_rss_mb() -> float | None:
+    peak = _status_mb("VmHWM")
+    if peak is None:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return int(match.group(1)) / 1024
+    return peak

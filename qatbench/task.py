@@ -11,7 +11,7 @@ import dataclasses
 import importlib.resources
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -19,6 +19,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from .data import DataSource
 from .params import NoConfig
 
 
@@ -86,67 +87,6 @@ class Recipe:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step, steps_per_epoch))
 
 
-BatchTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-
-
-class TensorBatches:
-    """Mini-batches of device-resident tensors, reshuffled each pass by a seeded generator.
-
-    The whole data set lives on the run's device; a batch is an index into it, so
-    no per-sample Python work happens during training. `transform(inputs, targets)`
-    runs on each whole batch on the device (augmentation, normalization, dtype).
-    """
-
-    def __init__(
-        self,
-        inputs: Tensor,
-        targets: Tensor,
-        batch_size: int,
-        shuffle: bool,
-        generator: torch.Generator | None = None,
-        drop_last: bool = False,
-        transform: BatchTransform | None = None,
-    ) -> None:
-        self.inputs, self.targets = inputs, targets
-        self.batch_size = batch_size
-        self.shuffle, self.generator, self.drop_last = shuffle, generator, drop_last
-        self.transform = transform
-
-    def __len__(self) -> int:
-        n = len(self.targets)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self.targets)
-        device = self.targets.device
-        if self.shuffle:
-            order = torch.randperm(n, generator=self.generator, device=self.generator.device).to(device)
-        else:
-            order = torch.arange(n, device=device)
-        for i in range(len(self)):
-            index = order[i * self.batch_size : (i + 1) * self.batch_size]
-            inputs, targets = self.inputs[index], self.targets[index]
-            yield self.transform(inputs, targets) if self.transform else (inputs, targets)
-
-
-class DeviceLoader:
-    """A `torch.utils.data.DataLoader` (for data sets too large for device memory) whose
-    batches arrive on `device`, optionally transformed there (mixup, CutMix)."""
-
-    def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device,
-                 transform: BatchTransform | None = None) -> None:
-        self.loader, self.device, self.transform = loader, device, transform
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for inputs, targets in self.loader:
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            yield self.transform(inputs, targets) if self.transform else (inputs, targets)
-
-
 @dataclasses.dataclass
 class TaskData:
     """Training batches, evaluation batches and the split sizes (recorded with every run)."""
@@ -183,9 +123,14 @@ class Task(ABC):
         """A freshly initialised model (the harness seeds the RNG first)."""
 
     @abstractmethod
-    def load_data(self, data_root: Path | None, device: torch.device, batch_size: int,
-                  generator: torch.Generator, download: bool) -> TaskData:
-        """The train and test splits, ready to iterate on `device`."""
+    def locate_data(self, data_root: Path | None, download: bool) -> DataSource:
+        """Where the data lies and which files will be read (cheap: no file is read, except that a
+        missing data set may be downloaded). A given `data_root` is the only place looked."""
+
+    @abstractmethod
+    def load_data(self, source: DataSource, device: torch.device, batch_size: int,
+                  generator: torch.Generator) -> TaskData:
+        """The train and test splits of `source`, checked and ready to iterate on `device`."""
 
     @abstractmethod
     def is_quantized(self, name: str, parameter: nn.Parameter) -> bool:

@@ -4,21 +4,28 @@ A corpus is a `.txt` file, a folder of `.txt` files (read in name order), or a H
 `datasets` dataset saved with `save_to_disk` (a `text` column; its `validation` or `test`
 split is the held-out text when present). Tokens are cached under
 `~/.cache/qatbench/tokens/`, keyed by the files' names, sizes and modification times and
-by the tokenizer, so a corpus is tokenized once.
+by the tokenizer, so a corpus is tokenized once. A cache entry carries a checksum of its
+tokens; one that does not load or does not match is rebuilt.
+
+Text files must be text: a file with NUL bytes, or with more than `MAX_UNDECODABLE` of
+its bytes not valid UTF-8, is refused with an error naming it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .atomic import atomic_path
 from .data import default_cache_dir
 from .errors import QatbenchError
+
+MAX_UNDECODABLE = 0.001  # share of a text file's bytes that may be invalid UTF-8 (replaced by U+FFFD)
 
 HOW_TO_GET_TEXT = (
     "Pass --data-root CORPUS: a .txt file, a folder of .txt files, or a `datasets` dataset saved with "
@@ -86,10 +93,28 @@ def corpus_files(path: Path) -> list[Path]:
     return files
 
 
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of `path`; a binary file is a one-line error naming it."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise QatbenchError(f"cannot read {path}: {err.strerror or err}") from None
+    if b"\0" in raw:
+        raise QatbenchError(f"{path} is not a text file (it holds NUL bytes). {HOW_TO_GET_TEXT}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if bad > MAX_UNDECODABLE * len(raw):
+        raise QatbenchError(f"{path} is not UTF-8 text ({bad} of its {len(raw)} bytes are not valid UTF-8)")
+    return text
+
+
 def _documents(path: Path) -> tuple[Iterator[str], Iterator[str] | None]:
     """(training texts, held-out texts or None) of a corpus."""
     if not _is_saved_dataset(path):
-        return (f.read_text(encoding="utf-8", errors="replace") for f in corpus_files(path)), None
+        return (read_text_file(f) for f in corpus_files(path)), None
     try:
         import datasets
     except ImportError:
@@ -115,6 +140,28 @@ def _tokenize(texts: Iterator[str], tokenizer: Tokenizer) -> Tensor:
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=dtype)
 
 
+def _token_checksum(train: Tensor, val: Tensor) -> str:
+    digest = hashlib.sha256()
+    for tokens in (train, val):
+        digest.update(f"{tokens.dtype}:{tokens.numel()}:".encode())
+        digest.update(tokens.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_cache(cache: Path) -> tuple[Tensor, Tensor] | None:
+    """The cached (train, val) tokens, or None (with a warning) when the entry is damaged."""
+    try:
+        saved = torch.load(cache, weights_only=True)
+        train, val = saved["train"], saved["val"]
+        if not (isinstance(train, Tensor) and isinstance(val, Tensor) and train.dim() == val.dim() == 1
+                and saved["checksum"] == _token_checksum(train, val)):
+            raise ValueError("its tokens do not match their checksum")
+    except Exception as err:  # a damaged file can fail in torch.load in many ways
+        warnings.warn(f"rebuilding the damaged token cache {cache} ({type(err).__name__}: {err})", stacklevel=3)
+        return None
+    return train, val
+
+
 def load_tokens(path: Path, tokenizer: Tokenizer, val_fraction: float) -> tuple[Tensor, Tensor]:
     """(training tokens, held-out tokens), from the cache when the corpus was tokenized before.
 
@@ -126,9 +173,9 @@ def load_tokens(path: Path, tokenizer: Tokenizer, val_fraction: float) -> tuple[
         stat = f.stat()
         key.update(f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     cache = default_cache_dir() / "tokens" / f"{key.hexdigest()[:20]}-{val_fraction}.pt"
-    if cache.exists():
-        saved = torch.load(cache, weights_only=True)
-        return saved["train"], saved["val"]
+    cached = _read_cache(cache) if cache.exists() else None
+    if cached is not None:
+        return cached
     train_texts, held_out_texts = _documents(path)
     train = _tokenize(train_texts, tokenizer)
     if held_out_texts is not None:
@@ -136,8 +183,6 @@ def load_tokens(path: Path, tokenizer: Tokenizer, val_fraction: float) -> tuple[
     else:
         cut = len(train) - max(1, round(val_fraction * len(train)))
         train, val = train[:cut].clone(), train[cut:].clone()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"train": train, "val": val}, tmp)
-    os.replace(tmp, cache)
+    with atomic_path(cache) as tmp:
+        torch.save({"train": train, "val": val, "checksum": _token_checksum(train, val)}, tmp)
     return train, val

@@ -2,22 +2,43 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qatbench.data import locate
+from qatbench.data import DataSource, check_labels, locate
 from qatbench.errors import QatbenchError
 from qatbench.params import NoConfig
 from qatbench.registry import TASKS
-from qatbench.task import Recipe, Task, TaskData, TensorBatches
+from qatbench.batches import TensorBatches
+from qatbench.task import Recipe, Task, TaskData
 
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]
+NUM_CLASSES = 10
+
+# What pickled numpy arrays refer to (CIFAR's own files: Python 2 cPickle of numpy 1.x arrays;
+# files rewritten by numpy 2 with protocols 2 to 5); nothing else may be constructed.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds only dicts, lists, bytes, str, numbers and numpy arrays: a crafted batch
+    file that names any other callable is refused before anything is called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are allowed)")
+        return super().find_class(module, name)
 
 
 class BasicBlock(nn.Module):
@@ -90,20 +111,50 @@ def random_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 
     return torch.where(flip[:, None, None, None], crops.flip(3), crops)
 
 
+def channel_statistics(images: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and sample standard deviation of uint8 `images` `(N, C, H, W)` on the 0..1 scale,
+    `(C, 1, 1)` float32, computed exactly (float64) from each channel's histogram of the 256 pixel
+    values, so no float copy of the data set is ever made."""
+    values = torch.arange(256, dtype=torch.float64, device=images.device) / 255
+    means, stds = [], []
+    for channel in range(images.shape[1]):
+        counts = torch.bincount(images[:, channel].reshape(-1), minlength=256).double()
+        n = counts.sum()
+        mean = (counts * values).sum() / n
+        means.append(mean)
+        stds.append(((counts * (values - mean) ** 2).sum() / (n - 1)).sqrt())
+    return torch.stack(means).float()[:, None, None], torch.stack(stds).float()[:, None, None]
+
+
 def read_cifar_batches(folder: Path, names: list[str]) -> tuple[Tensor, Tensor]:
     """Images `(N, 3, 32, 32)` uint8 and labels `(N,)` int64 from CIFAR-10 python pickle batches."""
     images, labels = [], []
     for name in names:
-        path = folder / name
-        try:
-            with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
-            data, batch_labels = batch[b"data"], batch[b"labels"]
-        except (pickle.UnpicklingError, EOFError, KeyError, TypeError) as err:
-            raise QatbenchError(f"{path} is not a CIFAR-10 python batch ({type(err).__name__}: {err})") from None
-        images.append(torch.as_tensor(data, dtype=torch.uint8).reshape(-1, 3, 32, 32))
-        labels.append(torch.as_tensor(batch_labels, dtype=torch.long))
+        batch_images, batch_labels = _read_batch(folder / name)
+        images.append(batch_images)
+        labels.append(batch_labels)
     return torch.cat(images), torch.cat(labels)
+
+
+def _read_batch(path: Path) -> tuple[Tensor, Tensor]:
+    """One checked batch: `data` a uint8 array of N x 3072 pixels, `labels` N class indices in [0, 10)."""
+    try:
+        batch = _BatchUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except OSError as err:
+        raise QatbenchError(f"cannot read {path}: {err.strerror or err}") from None
+    except Exception as err:  # a garbled pickle raises anything from UnpicklingError to ValueError
+        raise QatbenchError(f"{path} is not a CIFAR-10 python batch ({type(err).__name__}: {err})") from None
+    import numpy
+
+    data = batch.get(b"data") if isinstance(batch, dict) else None
+    batch_labels = batch.get(b"labels") if isinstance(batch, dict) else None
+    if not isinstance(data, numpy.ndarray) or data.dtype != numpy.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise QatbenchError(f"{path} is not a CIFAR-10 python batch: its b'data' is not a uint8 array of N x 3072")
+    if not isinstance(batch_labels, list) or not all(type(v) is int for v in batch_labels):
+        raise QatbenchError(f"{path} is not a CIFAR-10 python batch: its b'labels' is not a list of integers")
+    labels = torch.tensor(batch_labels, dtype=torch.long)
+    check_labels(path, labels, len(data), NUM_CLASSES)
+    return torch.from_numpy(data.copy()).reshape(-1, 3, 32, 32), labels
 
 
 def write_cifar_batches(folder: Path, images: Tensor, labels: Tensor, test_size: int) -> Path:
@@ -162,17 +213,18 @@ class CifarTask(Task):
 
         torchvision.datasets.CIFAR10(root=str(target), train=True, download=True)
 
-    def load_data(self, data_root, device, batch_size, generator, download) -> TaskData:
+    def locate_data(self, data_root, download) -> DataSource:
         folder = locate("CIFAR-10", TRAIN_FILES + TEST_FILES, ("cifar-10-batches-py", "cifar10/cifar-10-batches-py"),
                         data_root, "Put the python version of CIFAR-10 (folder cifar-10-batches-py) under --data-root, "
                         "or let torchvision download it (needs internet).", self._download if download else None)
+        return DataSource("CIFAR-10", folder, tuple(folder / name for name in TRAIN_FILES + TEST_FILES))
+
+    def load_data(self, source, device, batch_size, generator) -> TaskData:
+        folder = source.root
         train_x, train_y = read_cifar_batches(folder, TRAIN_FILES)
         test_x, test_y = read_cifar_batches(folder, TEST_FILES)
         train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
-        pixels = train_x.float().div_(255)
-        mean = pixels.mean(dim=(0, 2, 3), keepdim=True)[0]
-        std = pixels.std(dim=(0, 2, 3), keepdim=True)[0]
-        del pixels
+        mean, std = channel_statistics(train_x)
 
         def normalize(images: Tensor) -> Tensor:
             return (images.float().div_(255) - mean) / std

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from qatbench.errors import QatbenchError
 from qatbench.params import param
 from qatbench.registry import TASKS
-from qatbench.task import Recipe, Task, TaskData
-from qatbench.tasks.imagenet import ImageFolderConfig, folder_loaders, image_folders
+from qatbench.task import Recipe, TaskData
+from qatbench.tasks.imagenet import ImageFolderConfig, ImageFolderTask, folder_loaders, image_folders
 
 NO_WEIGHT_DECAY = ("cls_token", "pos_embed", "dist_token")
 
@@ -32,15 +32,15 @@ def _timm(task: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class DeiTConfig(ImageFolderConfig):
-    mixup: float = param(0.8, "mixup alpha (0 disables)")
-    cutmix: float = param(1.0, "CutMix alpha (0 disables)")
-    label_smoothing: float = param(0.1, "label smoothing")
+    mixup: float = param(0.8, "mixup alpha (0 disables)", ge=0)
+    cutmix: float = param(1.0, "CutMix alpha (0 disables)", ge=0)
+    label_smoothing: float = param(0.1, "label smoothing", ge=0, lt=1)
     randaugment: str = param("rand-m9-mstd0.5-inc1", "timm auto-augment policy")
-    random_erase: float = param(0.25, "random-erasing probability")
-    drop_path: float = param(0.1, "stochastic depth rate")
+    random_erase: float = param(0.25, "random-erasing probability", ge=0, le=1)
+    drop_path: float = param(0.1, "stochastic depth rate", ge=0, lt=1)
 
 
-class DeiTTask(Task):
+class DeiTTask(ImageFolderTask):
     """timm DeiT on ImageNet (ImageFolder `train/` and `val/`), DeiT's training recipe.
 
     Quantized per channel: the linear weights of every attention (qkv, proj) and MLP
@@ -66,6 +66,10 @@ class DeiTTask(Task):
                         min_lr=1e-8, final_hold_epochs=20),
     }
 
+    def __init__(self, config: DeiTConfig) -> None:
+        super().__init__(config)
+        _timm(self.name)  # a missing extra is said before any data is looked for
+
     def build_model(self) -> nn.Module:
         timm = _timm(self.name)
         return timm.create_model(self.arch, pretrained=False, num_classes=self.config.num_classes,
@@ -82,7 +86,7 @@ class DeiTTask(Task):
             return (-target * output.log_softmax(dim=-1)).sum(dim=-1).mean()
         return nn.functional.cross_entropy(output, target, label_smoothing=self.config.label_smoothing)
 
-    def load_data(self, data_root, device, batch_size, generator, download) -> TaskData:
+    def load_data(self, source, device, batch_size, generator) -> TaskData:
         timm = _timm(self.name)
         config = self.config
         train_transform = timm.data.create_transform(
@@ -90,7 +94,7 @@ class DeiTTask(Task):
             re_prob=config.random_erase, re_mode="pixel", re_count=1)
         eval_transform = timm.data.create_transform(config.image_size, is_training=False, interpolation="bicubic",
                                                     crop_pct=0.875)
-        train, val = image_folders(self, data_root, train_transform, eval_transform)
+        train, val = image_folders(self, source, train_transform, eval_transform)
         mix = None
         if config.mixup > 0 or config.cutmix > 0:
             if batch_size % 2:

@@ -9,11 +9,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from qatbench.data import locate
+from qatbench.data import DataSource, locate
 from qatbench.errors import QatbenchError
 from qatbench.params import param
 from qatbench.registry import TASKS
-from qatbench.task import BatchTransform, DeviceLoader, Recipe, Task, TaskData
+from qatbench.batches import BatchTransform, DeviceLoader, EpochSampler, SeededSamples
+from qatbench.task import Recipe, Task, TaskData
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the conventional ImageNet normalization constants
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,23 +26,33 @@ HOW_TO_GET_IMAGENET = (
 
 @dataclasses.dataclass(frozen=True)
 class ImageFolderConfig:
-    image_size: int = param(224, "training crop / evaluation crop size in pixels")
-    num_classes: int = param(1000, "classes in the data set (ImageNet: 1000; checked against the folders)")
-    workers: int = param(8, "DataLoader worker processes")
-
-    def __post_init__(self) -> None:
-        if self.image_size < 16 or self.num_classes < 2 or self.workers < 0:
-            raise ValueError(f"image_size={self.image_size} must be >= 16, num_classes={self.num_classes} >= 2, "
-                             f"workers={self.workers} >= 0")
+    image_size: int = param(224, "training crop / evaluation crop size in pixels", ge=16)
+    num_classes: int = param(1000, "classes in the data set (ImageNet: 1000; checked against the folders)", ge=2)
+    workers: int = param(8, "DataLoader worker processes", ge=0)
 
 
-def image_folders(task: Task, data_root: Path | None, train_transform, eval_transform):
-    """The `train/` and `val/` ImageFolders of the first root that has both."""
-    from torchvision.datasets import ImageFolder
+def locate_image_folders(data_root: Path | None) -> DataSource:
+    """The first root holding `train/` and `val/`, with every file below them (names and sizes fingerprint
+    ImageNet; small folders are fingerprinted by content)."""
+    from qatbench.fingerprint import files_under
 
     folder = locate("ImageNet", ["train", "val"], ("imagenet", "ILSVRC2012", "imagenet/ILSVRC2012"), data_root,
                     HOW_TO_GET_IMAGENET)
-    train, val = ImageFolder(str(folder / "train"), train_transform), ImageFolder(str(folder / "val"), eval_transform)
+    return DataSource("ImageNet", folder, tuple(files_under(folder / "train") + files_under(folder / "val")))
+
+
+def image_folders(task: Task, source: DataSource, train_transform, eval_transform):
+    """The `train/` and `val/` ImageFolders of `source`, with as many class folders as the task expects."""
+    from torchvision.datasets import ImageFolder
+
+    folder = source.root
+    try:
+        train = ImageFolder(str(folder / "train"), train_transform)
+        val = ImageFolder(str(folder / "val"), eval_transform)
+    except (FileNotFoundError, OSError) as err:
+        raise QatbenchError(f"{folder}: not an ImageFolder tree ({err})") from None
+    if train.classes != val.classes:
+        raise QatbenchError(f"{folder}: train/ and val/ have different class folders")
     for split in (train, val):
         if len(split.classes) != task.config.num_classes:
             raise QatbenchError(f"{split.root} has {len(split.classes)} class folders but the task expects "
@@ -51,18 +62,30 @@ def image_folders(task: Task, data_root: Path | None, train_transform, eval_tran
 
 def folder_loaders(task: Task, train, val, device: torch.device, batch_size: int, generator: torch.Generator,
                    train_batch_transform: BatchTransform | None = None) -> TaskData:
-    """Multi-worker DataLoaders over the two splits, shuffled by a CPU generator seeded from the run's."""
-    loader_generator = torch.Generator().manual_seed(generator.initial_seed())
-    common = {"num_workers": task.config.workers, "pin_memory": device.type == "cuda",
-              "persistent_workers": task.config.workers > 0}
-    train_loader = torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=True,
-                                               generator=loader_generator, **common)
-    val_loader = torch.utils.data.DataLoader(val, batch_size=batch_size, shuffle=False, **common)
+    """Multi-worker DataLoaders over the two splits. The order of epoch e and each sample's augmentation are
+    functions of (the run's seed, e, the sample), so a resumed run loads exactly the batches it would have
+    (`EpochSampler`, `SeededSamples`); the loaders' own generator keeps them off the global RNG."""
+    seed = generator.initial_seed()
+
+    def loader(split, shuffle: bool, drop_last: bool) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            SeededSamples(split), batch_size=batch_size, sampler=EpochSampler(len(split), seed, shuffle),
+            drop_last=drop_last, generator=torch.Generator().manual_seed(seed), num_workers=task.config.workers,
+            pin_memory=device.type == "cuda", persistent_workers=task.config.workers > 0)
+
+    train_loader, val_loader = loader(train, True, True), loader(val, False, False)
     return TaskData(train=DeviceLoader(train_loader, device, train_batch_transform),
                     test=DeviceLoader(val_loader, device), num_train=len(train), num_test=len(val))
 
 
-class ImageNetResNet(Task):
+class ImageFolderTask(Task):
+    """A task on ImageFolder data (`train/<class>/*`, `val/<class>/*`)."""
+
+    def locate_data(self, data_root, download) -> DataSource:
+        return locate_image_folders(data_root)
+
+
+class ImageNetResNet(ImageFolderTask):
     """torchvision ResNet on ImageNet (ImageFolder `train/` and `val/`), per-channel quantization.
 
     Every convolution and the final linear weight are quantized (the first convolution
@@ -91,14 +114,14 @@ class ImageNetResNet(Task):
     def is_quantized(self, name: str, parameter: nn.Parameter) -> bool:
         return name.endswith("weight") and parameter.dim() > 1
 
-    def load_data(self, data_root, device, batch_size, generator, download) -> TaskData:
+    def load_data(self, source, device, batch_size, generator) -> TaskData:
         from torchvision import transforms as T
 
         size = self.config.image_size
         normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         train_transform = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
         eval_transform = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), normalize])
-        train, val = image_folders(self, data_root, train_transform, eval_transform)
+        train, val = image_folders(self, source, train_transform, eval_transform)
         return folder_loaders(self, train, val, device, batch_size, generator)
 
 

@@ -16,11 +16,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from qatbench.data import DataSource
 from qatbench.errors import QatbenchError
 from qatbench.params import param
 from qatbench.registry import TASKS
 from qatbench.task import Recipe, Task, TaskData
-from qatbench.text import HOW_TO_GET_TEXT, load_tokenizer, load_tokens
+from qatbench.text import HOW_TO_GET_TEXT, corpus_files, load_tokenizer, load_tokens
 
 BLOCK_WEIGHTS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
                  "gate_proj.weight", "up_proj.weight", "down_proj.weight")
@@ -42,37 +43,47 @@ class LlamaSize:
 @dataclasses.dataclass(frozen=True)
 class LlamaTaskConfig:
     tokenizer: str = param("byte", "byte (vocabulary 256, nothing to download) or a Hugging Face tokenizer name/path")
-    seq_len: int = param(512, "context length of the training windows and the evaluation windows")
-    steps_per_epoch: int = param(200, "training steps between evaluations (an 'epoch' of a language-model run)")
-    val_fraction: float = param(0.01, "held-out share of the token stream when the corpus has no validation split")
+    seq_len: int = param(512, "context length of the training windows and the evaluation windows", ge=2)
+    steps_per_epoch: int = param(200, "training steps between evaluations (an 'epoch' of a language-model run)", ge=1)
+    val_fraction: float = param(0.01, "held-out share of the token stream when the corpus has no validation split",
+                                gt=0, lt=1)
     quantize_embeddings: bool = param(False, "also quantize the input embedding")
     quantize_head: bool = param(False, "also quantize the output head")
 
-    def __post_init__(self) -> None:
-        if self.seq_len < 2 or self.steps_per_epoch < 1 or not 0 < self.val_fraction < 1:
-            raise ValueError(f"seq_len={self.seq_len} must be >= 2, steps_per_epoch={self.steps_per_epoch} >= 1, "
-                             f"val_fraction={self.val_fraction} in (0, 1)")
-
 
 class TokenWindows:
-    """`steps` batches of random contiguous windows of `seq_len + 1` tokens (inputs, next-token targets)."""
+    """`steps` batches of random contiguous windows of `seq_len + 1` tokens (inputs, next-token targets).
+
+    The windows' starts are drawn from `generator` batch by batch, so a resumed epoch needs only how
+    many batches were taken (`state_dict`) and the generator's state (saved by the harness)."""
 
     def __init__(self, tokens: Tensor, batch_size: int, seq_len: int, steps: int, generator: torch.Generator) -> None:
         if len(tokens) <= seq_len + 1:
             raise QatbenchError(f"the training split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
         self.tokens, self.batch_size, self.seq_len, self.steps, self.generator = tokens, batch_size, seq_len, steps, generator
         self.offsets = torch.arange(seq_len + 1, device=tokens.device)
+        self._position, self._resume = 0, False
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         high = len(self.tokens) - self.seq_len - 1
-        for _ in range(self.steps):
+        if not self._resume:
+            self._position = 0
+        self._resume = False
+        while self._position < self.steps:
+            self._position += 1
             starts = torch.randint(0, high + 1, (self.batch_size,), generator=self.generator,
                                    device=self.generator.device).to(self.tokens.device)
             windows = self.tokens[starts[:, None] + self.offsets].long()
             yield windows[:, :-1], windows[:, 1:]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self._position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._position, self._resume = int(state["position"]), True
 
 
 class HeldOutWindows:
@@ -130,6 +141,7 @@ class LlamaTask(Task):
 
     def __init__(self, config: LlamaTaskConfig) -> None:
         super().__init__(config)
+        _transformers()  # a missing extra is said before any data is looked for
         self._tokenizer = None
 
     @property
@@ -174,11 +186,17 @@ class LlamaTask(Task):
         model.train(was_training)
         return math.exp(total.item() / count)
 
-    def load_data(self, data_root, device, batch_size, generator, download) -> TaskData:
+    def locate_data(self, data_root, download) -> DataSource:
         corpus = data_root or (Path(os.environ["QATBENCH_DATA"]) if os.environ.get("QATBENCH_DATA") else None)
         if corpus is None:
             raise QatbenchError(f"task {self.name!r} needs a text corpus. {HOW_TO_GET_TEXT}")
-        train, val = load_tokens(Path(corpus).expanduser(), self.tokenizer, self.config.val_fraction)
+        corpus = Path(corpus).expanduser()
+        if not corpus.exists():
+            raise QatbenchError(f"corpus {str(corpus)!r} does not exist. {HOW_TO_GET_TEXT}")
+        return DataSource("text corpus", corpus, tuple(corpus_files(corpus)))
+
+    def load_data(self, source, device, batch_size, generator) -> TaskData:
+        train, val = load_tokens(source.root, self.tokenizer, self.config.val_fraction)
         train, val = train.to(device), val.to(device)
         held_out = HeldOutWindows(val, batch_size, self.config.seq_len)
         return TaskData(train=TokenWindows(train, batch_size, self.config.seq_len, self.config.steps_per_epoch,

@@ -9,11 +9,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from qatbench.data import locate, read_idx
+from qatbench.data import DataSource, check_labels, existing_file, locate, read_idx
+from qatbench.errors import QatbenchError
 from qatbench.params import param
 from qatbench.registry import TASKS
-from qatbench.task import Recipe, Task, TaskData, TensorBatches
+from qatbench.batches import TensorBatches
+from qatbench.task import Recipe, Task, TaskData
 
+NUM_CLASSES = 10
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -24,11 +27,7 @@ IDX_FILES = {
 
 @dataclasses.dataclass(frozen=True)
 class MLPConfig:
-    hidden: int = param(10, "width of the hidden layer (FOGZO's MLP: 10)")
-
-    def __post_init__(self) -> None:
-        if self.hidden < 1:
-            raise ValueError(f"hidden={self.hidden} must be >= 1")
+    hidden: int = param(10, "width of the hidden layer (FOGZO's MLP: 10)", ge=1)
 
 
 class MLPTask(Task):
@@ -57,7 +56,7 @@ class MLPTask(Task):
     }
 
     def build_model(self) -> nn.Module:
-        return nn.Sequential(nn.Flatten(), nn.Linear(784, self.config.hidden), nn.ReLU(), nn.Linear(self.config.hidden, 10))
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, self.config.hidden), nn.ReLU(), nn.Linear(self.config.hidden, NUM_CLASSES))
 
     def is_quantized(self, name: str, parameter: nn.Parameter) -> bool:
         return name.endswith("weight")
@@ -69,10 +68,20 @@ class MLPTask(Task):
         for train in (True, False):
             dataset_class(root=str(target), train=train, download=True)
 
-    def load_data(self, data_root, device, batch_size, generator, download) -> TaskData:
+    def locate_data(self, data_root, download) -> DataSource:
         folder = locate(self.dataset, list(IDX_FILES.values()), self.subdirs, data_root, self.how_to_get,
                         self._download if download else None)
-        arrays = {key: read_idx(folder / filename) for key, filename in IDX_FILES.items()}
+        return DataSource(self.dataset, folder, tuple(existing_file(folder / name) for name in IDX_FILES.values()))
+
+    def load_data(self, source, device, batch_size, generator) -> TaskData:
+        paths = dict(zip(IDX_FILES, source.files))
+        arrays = {key: read_idx(path) for key, path in paths.items()}
+        for split in ("train", "test"):
+            images = arrays[f"{split}_images"]
+            if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28):
+                raise QatbenchError(f"{paths[f'{split}_images']}: images of shape {tuple(images.shape)}, "
+                                    "expected (N, 28, 28)")
+            check_labels(paths[f"{split}_labels"], arrays[f"{split}_labels"], len(images), NUM_CLASSES)
         train_x = arrays["train_images"].to(device=device, dtype=torch.float32).flatten(1) / 255.0
         test_x = arrays["test_images"].to(device=device, dtype=torch.float32).flatten(1) / 255.0
         mean, std = train_x.mean(), train_x.std()

@@ -95,6 +95,25 @@ def make_image_folder(root: Path, classes: int = 3, per_class_train: int = 4, pe
     return root
 
 
+def write_corpus(path, sentences=1500, seed=0):
+    """A generated English-like corpus: a small grammar, so that a model can lower its perplexity."""
+    generator = torch.Generator().manual_seed(seed)
+    subjects, verbs, objects = ["the cat", "a dog", "my friend", "the old man"], ["sees", "likes", "finds"], \
+        ["the ball", "a red house", "the river", "some bread"]
+
+    def pick(words):
+        return words[torch.randint(len(words), (1,), generator=generator).item()]
+
+    path.write_text("\n".join(f"{pick(subjects)} {pick(verbs)} {pick(objects)}." for _ in range(sentences)))
+    return path
+
+
+def load_task_data(task, root: Path | None, batch_size: int, seed: int = 0):
+    """The task's data from `root` (nothing downloaded), as a run on the CPU loads it."""
+    return task.load_data(task.locate_data(root, download=False), torch.device("cpu"), batch_size,
+                          torch.Generator().manual_seed(seed))
+
+
 def smoke_run(tmp_path: Path, *argv: str) -> dict:
     """`qatbench run ARGV --recipe smoke --no-download --out TMP`: one finished record, exactly quantized unless fp."""
     import json

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from qatbench.bench import bench, markdown, training_state_bytes
+from qatbench.bench import bench, markdown
 from qatbench.cli import main
-from qatbench.harness import RunSpec
+from qatbench.spec import RunSpec
 
 
 def _specs(*methods):
@@ -26,18 +26,6 @@ def test_every_method_is_timed_against_fp_with_its_memory(idx_root, isolated_dat
     assert rows["ste"].refresh_ms > 0 and all(r.step_ms > 0 for r in rows.values())
     table = markdown(list(rows.values()))
     assert table.splitlines()[2].startswith("| fp ")
-
-
-def test_training_state_counts_shared_storage_once():
-    import torch
-
-    model = torch.nn.Linear(3, 2)
-
-    class Holder:
-        def state_dict(self):
-            return {"again": [model.weight.detach()], "extra": torch.zeros(5)}
-
-    assert training_state_bytes(model, Holder()) == (6 + 2 + 5) * 4
 
 
 def test_bench_command_prints_the_table_and_writes_a_record(idx_root, isolated_data_env, tmp_path, capsys):

@@ -61,7 +61,7 @@ BASE = ["run", "--task", "mnist-mlp", "--recipe", "smoke", "--no-download"]
     ([*BASE, "--method", "parq", "--bits", "2", "--method-arg", "anneal_ned=0.5"], "did you mean 'anneal_end'"),
     ([*BASE, "--method", "parq", "--bits", "2", "--method-arg", "steepness=steep"], "is not a valid float"),
     ([*BASE, "--method", "ste", "--bits", "2", "--task-arg", "hiden=3"], "did you mean 'hidden'"),
-    ([*BASE, "--method", "ste", "--bits", "2", "--seeds", "x"], "invalid int value: 'x'"),
+    ([*BASE, "--method", "ste", "--bits", "2", "--seeds", "x"], "seed='x' is not a valid int"),
     (["list", "metods"], "did you mean 'methods'"),
     (["frobnicate"], "invalid choice"),
 ])
@@ -71,10 +71,15 @@ def test_bad_input_is_a_one_line_error(argv, expected, capsys):
 
 def test_missing_data_names_every_place_looked(tmp_path, isolated_data_env, capsys, monkeypatch):
     monkeypatch.setattr("qatbench.data.SYSTEM_DATA_DIR", tmp_path / "system")
+    err = _error_of([*BASE, "--method", "ste", "--bits", "2", "--out", str(tmp_path / "o")], capsys)
+    assert ".cache/qatbench" in err and str(tmp_path / "system") in err and "--data-root" in err
+
+
+def test_a_given_data_root_without_the_data_is_an_error_not_a_fallback(tmp_path, idx_root, capsys, monkeypatch):
+    monkeypatch.setenv("QATBENCH_DATA", str(idx_root))  # the data is elsewhere, but only --data-root counts
     err = _error_of([*BASE, "--method", "ste", "--bits", "2", "--data-root", str(tmp_path / "nowhere"),
                      "--out", str(tmp_path / "o")], capsys)
-    assert str(tmp_path / "nowhere") in err and ".cache/qatbench" in err and str(tmp_path / "system") in err
-    assert "--data-root" in err
+    assert f"not found in --data-root '{tmp_path / 'nowhere'}'" in err and str(idx_root) not in err
 
 
 def test_unwritable_output_folder_is_refused_before_training(tmp_path, capsys):

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from qatbench.task import Recipe, TensorBatches
+from qatbench.batches import TensorBatches
+from qatbench.task import Recipe
 
 
 def test_cosine_ends_at_min_lr_and_holds_it():

@@ -80,7 +80,8 @@ def test_nspsa_is_fogzo_without_guidance(make_method):
 
 
 def test_a_seeded_run_is_reproducible_and_the_seed_matters(idx_root, isolated_data_env):
-    from qatbench.harness import RunSpec, execute, resolve
+    from qatbench.harness import execute
+    from qatbench.spec import RunSpec, resolve
 
     def run(seed):
         spec = RunSpec(method="fogzo", task="mnist-mlp", bits=2, seed=seed, recipe="smoke",

@@ -1,5 +1,7 @@
 import json
+import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from qatbench.cli import main
 from qatbench.errors import QatbenchError
 from qatbench.registry import TASKS
 from qatbench.params import NoConfig
-from qatbench.tasks.cifar import random_crop_flip, read_cifar_batches
+from qatbench.tasks.cifar import channel_statistics, random_crop_flip, read_cifar_batches
 from tests.conftest import make_cifar_batches, smoke_run
 
 
@@ -40,6 +42,57 @@ def test_a_file_that_is_not_a_batch_is_a_clear_error(tmp_path):
     (tmp_path / "data_batch_1").write_bytes(b"garbage")
     with pytest.raises(QatbenchError, match="not a CIFAR-10 python batch"):
         read_cifar_batches(tmp_path, ["data_batch_1"])
+
+
+class _RunsCode:
+    """What a crafted pickle would do: call os.system when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_batch_is_refused_without_running_its_code(tmp_path):
+    marker = tmp_path / "pwned"
+    batch = {b"data": _RunsCode(marker), b"labels": [0]}
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps(batch))
+    with pytest.raises(QatbenchError, match=r"data_batch_1 is not a CIFAR-10 python batch.*refusing to load posix.system"):
+        read_cifar_batches(tmp_path, ["data_batch_1"])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("batch, message", [
+    ({b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [0, 10]}, r"labels range over \[0, 10\]"),
+    ({b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [0]}, r"1,\) labels for 2 examples"),
+    ({b"data": np.zeros((2, 3072), dtype=np.float32), b"labels": [0, 1]}, "not a uint8 array"),
+    ({b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": ["0", "1"]}, "not a list of integers"),
+    ([1, 2, 3], "not a uint8 array"),
+])
+def test_a_batch_with_wrong_contents_is_an_error_naming_the_file(tmp_path, batch, message):
+    (tmp_path / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(QatbenchError, match=message) as err:
+        read_cifar_batches(tmp_path, ["test_batch"])
+    assert str(tmp_path / "test_batch") in str(err.value)
+
+
+def test_batches_pickled_with_every_protocol_load(tmp_path):
+    images = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": images, b"labels": [3, 4]}, protocol=protocol))
+        loaded, labels = read_cifar_batches(tmp_path, ["data_batch_1"])
+        assert loaded.flatten().tolist() == images.flatten().tolist() and labels.tolist() == [3, 4]
+
+
+def test_channel_statistics_match_a_float_copy():
+    images = torch.randint(0, 256, (7, 3, 5, 5), dtype=torch.uint8)
+    mean, std = channel_statistics(images)
+    pixels = images.double() / 255
+    torch.testing.assert_close(mean, pixels.mean(dim=(0, 2, 3)).float()[:, None, None])
+    torch.testing.assert_close(std, pixels.std(dim=(0, 2, 3)).float()[:, None, None])
 
 
 def test_crop_and_flip_shapes_happen_and_are_deterministic():

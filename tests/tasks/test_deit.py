@@ -6,7 +6,7 @@ import pytest
 from qatbench.cli import main
 from qatbench.params import build_config
 from qatbench.registry import TASKS
-from tests.conftest import make_image_folder, smoke_run
+from tests.conftest import load_task_data, make_image_folder, smoke_run
 
 needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")
 
@@ -45,7 +45,7 @@ def test_mixup_gives_soft_targets_and_the_loss_takes_them(image_root, isolated_d
     import torch
 
     task = _task("imagenet-deit-tiny", num_classes=3, image_size=32, workers=0)
-    data = task.load_data(image_root, torch.device("cpu"), 6, torch.Generator().manual_seed(0), download=False)
+    data = load_task_data(task, image_root, 6, 0)
     images, targets = next(iter(data.train))
     assert images.shape == (6, 3, 32, 32) and targets.shape == (6, 3)
     torch.testing.assert_close(targets.sum(dim=1), torch.ones(6))

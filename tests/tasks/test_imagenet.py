@@ -3,7 +3,7 @@ import pytest
 from qatbench.cli import main
 from qatbench.params import build_config
 from qatbench.registry import TASKS
-from tests.conftest import make_image_folder, smoke_run
+from tests.conftest import load_task_data, make_image_folder, smoke_run
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_image_folder_loader_batches(image_root, isolated_data_env):
     import torch
 
     task = _task("imagenet-resnet18", num_classes=3, image_size=32, workers=0)
-    data = task.load_data(image_root, torch.device("cpu"), 4, torch.Generator().manual_seed(0), download=False)
+    data = load_task_data(task, image_root, 4, 0)
     assert (data.num_train, data.num_test, len(data.train)) == (12, 6, 3)
     images, labels = next(iter(data.train))
     assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.long

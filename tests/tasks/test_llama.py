@@ -4,28 +4,16 @@ import math
 import pytest
 import torch
 
+from qatbench.errors import QatbenchError
 from qatbench.params import build_config
 from qatbench.registry import TASKS
 from qatbench.tasks.llama import HeldOutWindows, TokenWindows
 from qatbench.text import ByteTokenizer, load_tokens
-from tests.conftest import smoke_run
+from tests.conftest import smoke_run, write_corpus
 
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                                         reason="transformers is not installed")
 SIZES = {"llama-20m": 20e6, "llama-60m": 60e6, "llama-130m": 130e6, "llama-300m": 300e6}
-
-
-def write_corpus(path, sentences=1500, seed=0):
-    """A generated English-like corpus: a small grammar, so that a model can lower its perplexity."""
-    generator = torch.Generator().manual_seed(seed)
-    subjects, verbs, objects = ["the cat", "a dog", "my friend", "the old man"], ["sees", "likes", "finds"], \
-        ["the ball", "a red house", "the river", "some bread"]
-
-    def pick(words):
-        return words[torch.randint(len(words), (1,), generator=generator).item()]
-
-    path.write_text("\n".join(f"{pick(subjects)} {pick(verbs)} {pick(objects)}." for _ in range(sentences)))
-    return path
 
 
 def _task(name="llama-20m", **options):
@@ -48,6 +36,34 @@ def test_tokens_are_split_and_cached(tmp_path, isolated_data_env):
     assert list((tmp_path / "home/.cache/qatbench/tokens").iterdir())
     again_train, again_val = load_tokens(corpus, ByteTokenizer(), 0.1)
     assert torch.equal(again_train, train) and torch.equal(again_val, val)
+
+
+def test_a_damaged_token_cache_is_detected_and_rebuilt(tmp_path, isolated_data_env):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    train, val = load_tokens(corpus, ByteTokenizer(), 0.1)
+    [cache] = (tmp_path / "home/.cache/qatbench/tokens").iterdir()
+    for damage in (b"not a torch file", cache.read_bytes()[:-40]):
+        cache.write_bytes(damage)
+        with pytest.warns(UserWarning, match="rebuilding the damaged token cache"):
+            again_train, again_val = load_tokens(corpus, ByteTokenizer(), 0.1)
+        assert torch.equal(again_train, train) and torch.equal(again_val, val)
+    saved = torch.load(cache, weights_only=True)
+    saved["train"][0] += 1  # loads fine, but is not what was tokenized
+    torch.save(saved, cache)
+    with pytest.warns(UserWarning, match="do not match their checksum"):
+        assert torch.equal(load_tokens(corpus, ByteTokenizer(), 0.1)[0], train)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"text\x00\x01\x02binary", "is not a text file \\(it holds NUL bytes\\)"),
+    (bytes(range(128, 256)) * 10, "is not UTF-8 text"),
+])
+def test_a_binary_file_is_not_a_corpus(tmp_path, isolated_data_env, content, message):
+    corpus = tmp_path / "model.bin.txt"
+    corpus.write_bytes(content)
+    with pytest.raises(QatbenchError, match=message) as err:
+        load_tokens(corpus, ByteTokenizer(), 0.1)
+    assert str(corpus) in str(err.value)
 
 
 def test_a_folder_of_text_files_is_one_corpus(tmp_path, isolated_data_env):

@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from qatbench.harness import RunSpec, execute, resolve
+from qatbench.harness import execute
+from qatbench.spec import RunSpec, resolve
 from qatbench.params import build_config
 from qatbench.registry import TASKS
-from tests.conftest import FASHION_MNIST_SYSTEM_DIR
+from tests.conftest import FASHION_MNIST_SYSTEM_DIR, load_task_data
 
 
 def _task(name="fashion-mnist-mlp", **options):
@@ -34,7 +35,7 @@ def test_every_linear_weight_is_quantized_and_biases_are_not():
 
 def test_loader_reads_idx_files_onto_the_device(idx_root, isolated_data_env):
     task = _task()
-    data = task.load_data(idx_root, torch.device("cpu"), 64, torch.Generator().manual_seed(0), download=False)
+    data = load_task_data(task, idx_root, 64, 0)
     assert (data.num_train, data.num_test) == (512, 256)
     batches = list(data.train)
     assert len(batches) == 8 and batches[0][0].shape == (64, 784) and batches[0][1].dtype == torch.long
@@ -47,7 +48,7 @@ def test_loader_reads_idx_files_onto_the_device(idx_root, isolated_data_env):
 def test_shuffling_is_deterministic_under_a_seed(idx_root, isolated_data_env):
     task = _task()
     def first_labels(seed):
-        data = task.load_data(idx_root, torch.device("cpu"), 64, torch.Generator().manual_seed(seed), download=False)
+        data = load_task_data(task, idx_root, 64, seed)
         return next(iter(data.train))[1]
     assert torch.equal(first_labels(3), first_labels(3))
     assert not torch.equal(first_labels(3), first_labels(4))
@@ -55,7 +56,7 @@ def test_shuffling_is_deterministic_under_a_seed(idx_root, isolated_data_env):
 
 @pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_real_fashion_mnist_from_the_debian_package(isolated_data_env):
-    data = _task().load_data(None, torch.device("cpu"), 128, torch.Generator().manual_seed(0), download=False)
+    data = load_task_data(_task(), None, 128, 0)
     assert (data.num_train, data.num_test) == (60000, 10000)
     labels = torch.cat([y for _, y in data.test])
     assert torch.bincount(labels).tolist() == [1000] * 10

@@ -1,0 +1,187 @@
+"""What a run is: the user's RunSpec, validated and resolved into a ResolvedRun with an identity.
+
+One schema serves the command line and sweep files: every RunSpec field is typed and
+ranged (`qatbench.params`), so `epochs: "3"` and `--epochs 3` coerce alike and
+`lr: nan` is refused alike. A run's identity is the SHA-256 of its fully resolved
+spec: method and task configuration, recipe, quantizer, seed, device type, speed
+options, the `--init` checkpoint's content and the data's fingerprint. Two runs with
+the same identity are the same experiment; one whose record exists is not rerun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .data import DataSource
+from .errors import QatbenchError, check_choice
+from .fingerprint import Fingerprint, fingerprint
+from .method import Method
+from .params import build_config, param
+from .quant import MAX_BITS, QuantizerConfig, bits_label
+from .registry import METHODS, TASKS
+from .results import identity_hash
+from .task import Recipe, Task
+
+FP_DIAGNOSTIC_BITS = 2  # levels a full-precision run's transition diagnostics are measured against
+PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+MAX_SEED = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """What the user asked for; `resolve` fills in every default. Built by `make_spec` from the command
+    line or a sweep file, every field coerced and range-checked by its annotation."""
+
+    method: str = param("", "method name (`qatbench list methods`)")
+    task: str = param("", "task name (`qatbench list tasks`)")
+    bits: int | None = param(None, "bit width, 0 for ternary; None for a full-precision method", ge=0, le=MAX_BITS)
+    seed: int = param(0, "random seed", ge=0, le=MAX_SEED)
+    recipe: str = param("paper", "smoke | short | paper")
+    method_args: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"help": "method options"})
+    task_args: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"help": "task options"})
+    scheme: str | None = param(None, "level set: uniform | lsbq (None: the task's)")
+    granularity: str | None = param(None, "channel | tensor (None: the task's)")
+    epochs: int | None = param(None, "override the recipe's epochs", ge=1)
+    batch_size: int | None = param(None, "override the recipe's batch size", ge=1)
+    lr: float | None = param(None, "override the recipe's learning rate", gt=0)
+    device: str = param("cpu", "cpu | cuda | cuda:N")
+    init: str | None = param(None, "a full-precision checkpoint (state dict) to start from")
+    precision: Literal["auto", "fp32", "bf16"] = param(
+        "auto", "auto (the recipe's choice for the device) | fp32 | bf16 (autocast; evaluation stays fp32)")
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = param(
+        "none", "torch.compile mode of the model")
+    channels_last: bool = param(False, "conv weights and image batches in NHWC memory order")
+
+
+def make_spec(values: dict[str, Any], owner: str, noun: str = "option") -> RunSpec:
+    """A RunSpec from raw values (strings from the command line, any YAML scalar from a sweep file)."""
+    return build_config(RunSpec, values, owner, noun)
+
+
+@dataclasses.dataclass
+class ResolvedRun:
+    """A RunSpec with its plugins looked up and validated; its identity once its data is bound."""
+
+    spec: RunSpec
+    method_cls: type[Method]
+    method_config: Any
+    task: Task
+    recipe: Recipe
+    quantizer: QuantizerConfig  # for a full-precision method: the levels of its diagnostics only
+    device: torch.device
+    base_identity: dict[str, Any]  # everything but the data
+    data: DataSource | None = None
+    data_fingerprint: Fingerprint | None = None
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        if self.data_fingerprint is None:
+            raise QatbenchError(f"{self.label}: its data has not been located, so it has no identity yet")
+        return {**self.base_identity, "data": self.data_fingerprint.fingerprint}
+
+    @property
+    def run_id(self) -> str:
+        return identity_hash(self.identity)
+
+    @property
+    def precision(self) -> str:
+        """The resolved precision: fp32 or bf16."""
+        return self.base_identity["precision"]
+
+    @property
+    def bits(self) -> int | None:
+        return self.quantizer.bits if self.method_cls.quantizes else None
+
+    @property
+    def bits_text(self) -> str:
+        return bits_label(self.bits)
+
+    @property
+    def label(self) -> str:
+        return f"{self.task.name} {self.method_cls.name} b{self.bits_text} s{self.spec.seed}"
+
+
+def resolve_device(text: str) -> torch.device:
+    """A device that exists here, or a one-line error."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise QatbenchError(f"invalid device {text!r}; valid choices: cpu, cuda, cuda:N") from None
+    check_choice("device type", device.type, ("cpu", "cuda"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise QatbenchError(f"device {text!r} requested but no CUDA device is available; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise QatbenchError(f"device {text!r} does not exist; valid choices: "
+                                + ", ".join(f"cuda:{i}" for i in range(count)))
+    return device
+
+
+def resolve(spec: RunSpec) -> ResolvedRun:
+    """Look up and validate everything a run needs, before any data is read or training starts."""
+    spec = make_spec(dataclasses.asdict(spec), "run")  # the same checks, however the spec was built
+    method_cls = METHODS.get(spec.method)
+    task_cls = TASKS.get(spec.task)
+    method_config = build_config(method_cls.Config, spec.method_args, f"method {spec.method!r}")
+    task = task_cls(build_config(task_cls.Config, spec.task_args, f"task {spec.task!r}"))
+    check_choice("recipe", spec.recipe, task.recipes)
+    recipe = task.recipes[spec.recipe].with_overrides(spec.epochs, spec.batch_size, spec.lr)
+    if method_cls.quantizes and spec.bits is None:
+        raise QatbenchError(f"method {spec.method!r} quantizes: give --bits (1..8 or T)")
+    scheme = check_choice("quantizer scheme", spec.scheme or task.default_scheme, ("uniform", "lsbq"))
+    granularity = check_choice("granularity", spec.granularity or task.default_granularity, ("channel", "tensor"))
+    bits = spec.bits if method_cls.quantizes else FP_DIAGNOSTIC_BITS
+    quantizer = QuantizerConfig(bits=bits, scheme=scheme, granularity=granularity)
+    device = resolve_device(spec.device)
+    init = _checkpoint_identity(spec.init) if spec.init else None
+    identity = {
+        "method": method_cls.name,
+        "method_config": dataclasses.asdict(method_config),
+        "task": task_cls.name,
+        "task_config": dataclasses.asdict(task.config),
+        "recipe": spec.recipe,
+        "recipe_config": dataclasses.asdict(recipe),
+        "quantizer": dataclasses.asdict(quantizer),
+        "seed": spec.seed,
+        "device_type": device.type,
+        "init": init,
+        "precision": spec.precision if spec.precision != "auto" else (
+            recipe.cuda_precision if device.type == "cuda" else "fp32"),
+        "compile": spec.compile,
+        "channels_last": spec.channels_last,
+    }
+    return ResolvedRun(spec, method_cls, method_config, task, recipe, quantizer, device, identity)
+
+
+def bind_data(runs: list[ResolvedRun], data_root: Path | None, download: bool) -> list[ResolvedRun]:
+    """Locate and fingerprint every run's data (once per task class and data set), which completes its identity."""
+    located: dict[type, DataSource] = {}
+    fingerprints: dict[tuple[str, Path], Fingerprint] = {}
+    for run in runs:
+        if type(run.task) not in located:
+            located[type(run.task)] = run.task.locate_data(data_root, download)
+        source = located[type(run.task)]
+        key = (source.dataset, source.root)
+        if key not in fingerprints:
+            fingerprints[key] = fingerprint(source.root, source.files)
+        run.data, run.data_fingerprint = source, fingerprints[key]
+    return runs
+
+
+def _checkpoint_identity(path_text: str) -> dict[str, str]:
+    """A checkpoint enters the run's identity by its content, not by where it lies."""
+    path = Path(path_text)
+    if not path.is_file():
+        raise QatbenchError(f"--init {path_text!r}: no such checkpoint file")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"file": path.name, "sha256": digest.hexdigest()[:16]}

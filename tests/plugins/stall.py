@@ -1,0 +1,29 @@
+"""A test plugin (`--plugin tests/plugins/stall.py`): the run stops before optimizer step
+$QATBENCH_TEST_STALL_STEP of this process, writes the file $QATBENCH_TEST_STALL_FILE, and waits
+there until the file $QATBENCH_TEST_STALL_FILE.release exists (or forever), so that a test can
+signal or kill the process at a known step in the middle of an epoch."""
+
+import os
+import time
+from pathlib import Path
+
+import qatbench.harness as harness
+
+_stall_step = int(os.environ["QATBENCH_TEST_STALL_STEP"])
+_marker = Path(os.environ["QATBENCH_TEST_STALL_FILE"])
+_train_step = harness.train_step
+_steps = 0
+
+
+def _stalling_train_step(*args, **kwargs):
+    global _steps
+    if _steps == _stall_step:
+        _marker.write_text(str(_steps))
+        release = _marker.with_name(_marker.name + ".release")
+        while not release.exists():
+            time.sleep(0.01)
+    _steps += 1
+    return _train_step(*args, **kwargs)
+
+
+harness.train_step = _stalling_train_step

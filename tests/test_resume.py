@@ -1,0 +1,99 @@
+"""Issue: a killed run resumes exactly. Each case kills a real `qatbench run` process with SIGKILL in the
+middle of an epoch, reruns the same command, and compares the result with an uninterrupted run: final
+metric, per-epoch history and final weights must be bit-identical (on the CPU)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from qatbench.cli import main
+from qatbench.results import load_records
+from tests.conftest import make_cifar_batches, make_image_folder, write_corpus
+from tests.test_lifecycle import stalled_process
+
+MLP = ["--task", "mnist-mlp", "--recipe", "smoke", "--epochs", "3", "--batch-size", "16"]  # 32 steps an epoch
+
+
+def _finish(argv: list[str], out: Path) -> tuple:
+    """Run to the end in this process; the record and the last checkpoint (kept) of the one run in `out`."""
+    assert main([*argv, "--out", str(out), "--keep-checkpoints", "--no-download"]) == 0
+    [record] = load_records([out])
+    [kept] = out.rglob("*.ckpt")
+    return record, torch.load(kept, weights_only=True)
+
+
+def _assert_same_run(resumed, reference) -> None:
+    (record, kept), (expected, expected_kept) = resumed, reference
+    assert record.run_id == expected.run_id and record.status == expected.status == "ok"
+    assert record.metric == expected.metric and record.best_epoch_metric == expected.best_epoch_metric
+    assert record.history == expected.history
+    assert record.exactness == expected.exactness
+    for name, tensor in expected_kept["model"].items():
+        assert torch.equal(kept["model"][name], tensor), name
+    assert len(record.resumed) == 1 and not expected.resumed
+
+
+def _kill_and_resume(argv: list[str], step: int, tmp_path: Path):
+    out = tmp_path / "killed"
+    marker = tmp_path / "stalled"
+    process = stalled_process([*argv, "--out", str(out), "--no-download", "--checkpoint-minutes", "0"], step, marker)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert list(out.rglob("*.ckpt")) and not list(out.rglob("*.json"))  # killed: no record, a checkpoint
+    resumed = _finish(argv, out)
+    assert resumed[0].resumed[0]["step"] == step  # it continued after the last step the killed process took
+    return resumed
+
+
+QUANT_PERIOD = ("--method-arg", "quant_period=3")  # level refreshes on both sides of the kill
+ANNEAL = ("--method-arg", "anneal_end=0.6")  # step 58: the hard-quantized end is reached after the resume
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("fp", ()),
+    ("ste", QUANT_PERIOD),
+    ("binaryrelax", (*QUANT_PERIOD, *ANNEAL)),
+    ("parq", (*QUANT_PERIOD, *ANNEAL)),
+    ("parq", ("--method-arg", "slope_schedule=aprox", "--method-arg", "quant_shrink=true", "--lr", "0.1")),
+    ("fogzo", QUANT_PERIOD),
+    ("nspsa", (*QUANT_PERIOD, "--lr", "0.001")),
+    ("talr", ()),
+], ids=["fp", "ste", "binaryrelax", "parq", "parq-aprox", "fogzo", "nspsa", "talr"])
+def test_every_method_resumes_bit_identically_after_sigkill(method, extra, idx_root, isolated_data_env, tmp_path):
+    argv = ["run", "--method", method, *MLP, "--data-root", str(idx_root), *extra]
+    if method != "fp":
+        argv += ["--bits", "2"]
+    reference = _finish(argv, tmp_path / "reference")
+    _assert_same_run(_kill_and_resume(argv, 45, tmp_path), reference)
+
+
+def test_cifar_resumes_bit_identically(isolated_data_env, tmp_path):
+    root = make_cifar_batches(tmp_path / "cifar", per_batch=40)  # 200 images: 6 steps of 32 an epoch
+    argv = ["run", "--method", "fogzo", "--task", "cifar10-resnet20", "--bits", "2", "--recipe", "smoke",
+            "--epochs", "2", "--data-root", str(root)]
+    reference = _finish(argv, tmp_path / "reference")
+    _assert_same_run(_kill_and_resume(argv, 8, tmp_path), reference)
+
+
+def test_image_folder_resumes_bit_identically(isolated_data_env, tmp_path):
+    root = make_image_folder(tmp_path / "imagenet", classes=3, per_class_train=8, size=36)  # 6 steps of 4
+    argv = ["run", "--method", "ste", "--task", "imagenet-resnet18", "--bits", "4", "--recipe", "smoke",
+            "--epochs", "2", "--batch-size", "4", "--data-root", str(root), "--task-arg", "num_classes=3",
+            "--task-arg", "image_size=32", "--task-arg", "workers=0"]
+    reference = _finish(argv, tmp_path / "reference")
+    _assert_same_run(_kill_and_resume(argv, 9, tmp_path), reference)
+
+
+def test_language_model_resumes_bit_identically(isolated_data_env, tmp_path):
+    pytest.importorskip("transformers")
+    corpus = write_corpus(tmp_path / "corpus.txt", sentences=300)
+    argv = ["run", "--method", "parq", "--task", "llama-20m", "--bits", "4", "--recipe", "smoke", "--epochs", "2",
+            "--batch-size", "4", "--data-root", str(corpus), "--task-arg", "seq_len=32",
+            "--task-arg", "steps_per_epoch=5"]
+    reference = _finish(argv, tmp_path / "reference")
+    _assert_same_run(_kill_and_resume(argv, 7, tmp_path), reference)
