@@ -8,7 +8,8 @@ median is reported, with its ratio to the median FP step. Batches are drawn as t
 used, never stockpiled. Memory: the bytes of the training state (parameters, gradients,
 optimizer and method state: latent weights, level tables), and on CUDA the peak
 allocated memory of a method's steps run alone, with nothing else of the bench alive.
-The level-table refresh (re-estimating Q for every quantized tensor) is timed on its own.
+The level-table refresh (re-estimating Q for every quantized tensor) and the writing of one
+in-run checkpoint (model, optimizer, method state, generators) are timed on their own.
 """
 
 from __future__ import annotations
@@ -17,14 +18,18 @@ import dataclasses
 import gc
 import itertools
 import statistics
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from . import checkpoint
+from .diagnostics import TransitionMonitor
 from .errors import QatbenchError
-from .harness import Training, _sync, build_training, train_step
+from .harness import Position, Training, _sync, build_training, checkpoint_payload, train_step
 from .quant import as_rows, estimate_levels
 from .registry import METHODS
 from .spec import ResolvedRun, RunSpec, bind_data, resolve
@@ -44,6 +49,8 @@ class BenchRow:
     state_ratio: float
     state_target_mb: float  # FP state + one latent copy of the quantized weights + the level tables
     refresh_ms: float | None
+    checkpoint_ms: float  # writing one in-run checkpoint (atomically, flushed to disk)
+    checkpoint_mb: float
     peak_allocated_mb: float | None
 
     @property
@@ -93,6 +100,17 @@ def _refresh_ms(contender: _Contender, repeats: int = 20) -> float | None:
         _sync(contender.run.device)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def _checkpoint_cost(contender: _Contender, batches: Any) -> tuple[float, float]:
+    """(milliseconds, MB) of writing one in-run checkpoint of the contender's training state."""
+    run, training = contender.run, contender.training
+    generators = {"data": torch.Generator(run.device), "method": torch.Generator(run.device)}
+    payload = checkpoint_payload(run, training, TransitionMonitor(training.method), batches, generators, Position(),
+                                 torch.zeros((), device=run.device), {}, {})
+    with tempfile.TemporaryDirectory() as folder:
+        seconds, size = checkpoint.save(Path(folder) / "bench.ckpt", payload)
+    return 1000 * seconds, size / 2**20
 
 
 def _peak_allocated_mb(run: ResolvedRun, train: Iterable, steps_per_epoch: int, steps: int) -> float | None:
@@ -162,10 +180,12 @@ def bench(specs: list[RunSpec], steps: int = 50, warmup: int = 10, rounds: int =
             tables = getattr(method, "levels", []) + getattr(method, "bounds", [])
             allowance = sum(p.numel() * p.element_size() for p in method.quantized_params()) + \
                 sum(q.nbytes for q in tables)
+        checkpoint_ms, checkpoint_mb = _checkpoint_cost(contender, data.train)
         rows.append(BenchRow(
             method=run.method_cls.name, bits=run.bits_text, step_ms=step_ms, ratio=step_ms / fp_ms, target=target,
             state_mb=state / 2**20, state_ratio=state / fp_state, state_target_mb=(fp_state + allowance) / 2**20,
-            refresh_ms=_refresh_ms(contender), peak_allocated_mb=None))
+            refresh_ms=_refresh_ms(contender), checkpoint_ms=checkpoint_ms, checkpoint_mb=checkpoint_mb,
+            peak_allocated_mb=None))
     del contenders, fp, contender, stream
     for row, run in zip(rows, runs):
         row.peak_allocated_mb = _peak_allocated_mb(run, data.train, steps_per_epoch, warmup + steps)
@@ -191,8 +211,9 @@ def markdown(rows: list[BenchRow]) -> str:
     table = [[r.method, r.bits, f"{r.step_ms:.3f}", f"{r.ratio:.2f}x", f"<= {r.target:.2f}x",
               "yes" if r.met else "NO", f"{r.state_mb:.3f}", f"{r.state_ratio:.2f}x",
               f"<= {r.state_target_mb:.3f}", "yes" if r.memory_met else "NO",
-              "" if r.refresh_ms is None else f"{r.refresh_ms:.3f}",
+              "" if r.refresh_ms is None else f"{r.refresh_ms:.3f}", f"{r.checkpoint_ms:.1f}", f"{r.checkpoint_mb:.2f}",
               "" if r.peak_allocated_mb is None else f"{r.peak_allocated_mb:.0f}"] for r in ordered]
     return tabulate(table, headers=["method", "bits", "step ms (median)", "vs fp", "target", "met", "state MB",
-                                    "vs fp", "target MB", "met", "refresh ms", "peak alloc MB"],
+                                    "vs fp", "target MB", "met", "refresh ms", "checkpoint ms", "checkpoint MB",
+                                    "peak alloc MB"],
                     tablefmt="github", disable_numparse=True)

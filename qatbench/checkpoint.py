@@ -83,6 +83,16 @@ def load(path: Path, run_id: str) -> dict[str, Any] | None:
     return payload
 
 
+def header(path: Path) -> dict[str, Any] | None:
+    """What a checkpoint says of itself (run, label, position, epochs), read without loading its tensors
+    (memory-mapped); None when it cannot be read."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return {k: payload[k] for k in ("run_id", "label", "epochs", "steps_per_epoch", "position")}
+    except Exception:  # unreadable: status reports it as such
+        return None
+
+
 def age_s(path: Path) -> float | None:
     """Seconds since the checkpoint at `path` was written, or None if there is none."""
     try:

@@ -16,14 +16,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import leaderboard
+from . import leaderboard, status
 from .bench import bench, markdown
-from .errors import QatbenchError
+from .errors import QatbenchError, check_choice
 from .harness import RunOptions, run_all
 from .params import describe, parse_assignments
 from .quant import parse_bits
 from .registry import METHODS, TASKS, load_plugin_file
-from .results import load_records
+from .results import load_records, record_path
 from .signals import Stopped, exit_code
 from .spec import RunSpec, bind_data, resolve, resolve_device
 from .sweep import expand, load_sweep, shard, shared_method_args
@@ -101,6 +101,14 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data-root", type=Path, default=None, help="where the data set lies (searched first)")
     bench.add_argument("--no-download", action="store_true", help="never try to download a missing data set")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder of bench records")
+
+    status_parser = sub.add_parser("status", parents=[plugins], help="where every run of a results folder stands")
+    status_parser.add_argument("runs", type=Path, help="the results folder (--out of qatbench run/sweep)")
+    status_parser.add_argument("--sweep", type=Path, action="append", default=[], metavar="FILE.yaml",
+                        help="also list this sweep file's runs that never started (repeatable)")
+    status_parser.add_argument("--device", default="cpu", help="the sweep's device (its runs' identity): cpu | cuda")
+    status_parser.add_argument("--data-root", type=Path, default=None, help="the sweep's data (its runs' identity)")
+    status_parser.add_argument("--format", default="text", help="text | csv | json (default: text)")
 
     lst = sub.add_parser("list", parents=[plugins], help="list methods and tasks with their options")
     lst.add_argument("what", nargs="?", default="all", help="methods | tasks | all")
@@ -196,12 +204,26 @@ def _cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
     rows = bench(specs, args.steps, args.warmup, args.rounds, args.data_root, not args.no_download)
     table = markdown(rows)
     print(table)
-    record = {"command": shlex.join(["qatbench", *argv]), "task": args.task, "environment": environment(
-        resolve_device(args.device)), "rows": [dataclasses.asdict(r) | {"met": r.met, "memory_met": r.memory_met} for r in rows], "markdown": table,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    rows_out = [dataclasses.asdict(r) | {"met": r.met, "memory_met": r.memory_met} for r in rows]
+    record = {"command": shlex.join(["qatbench", *argv]), "task": args.task,
+              "environment": environment(resolve_device(args.device)), "rows": rows_out, "markdown": table,
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     path = args.out / f"{args.task}-{args.device.replace(':', '')}-{record['created'].replace(':', '')}.json"
     path.write_text(json.dumps(record, indent=1))
     print(f"record: {path}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    check_choice("format", args.format, ("text", "csv", "json"))
+    if not args.runs.is_dir():
+        raise QatbenchError(f"no such results folder: {args.runs}")
+    expected = []
+    for sweep_file in args.sweep:
+        runs = bind_data([resolve(s) for s in load_sweep(sweep_file, args.device)], args.data_root, download=False)
+        expected += [record_path(args.runs, r.task.name, r.method_cls.name, r.bits_text, r.spec.seed, r.run_id)
+                     for r in runs]
+    print(status.render(status.folder_status(args.runs, expected), args.format))
     return 0
 
 
@@ -259,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(_with_speed_options(load_sweep(args.file, args.device), args), args, argv)
         if args.command == "list":
             return _cmd_list(args)
+        if args.command == "status":
+            return _cmd_status(args)
         if args.command == "bench":
             return _cmd_bench(args, argv)
         return _cmd_leaderboard(args, argv)

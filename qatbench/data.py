@@ -73,7 +73,8 @@ def locate(
                 return folder
     places = ", ".join(str(p) for p in dict.fromkeys(looked))
     if data_root is not None:
-        raise QatbenchError(f"{dataset} not found in --data-root {str(data_root)!r} (looked in: {places}). {how_to_get}")
+        raise QatbenchError(f"{dataset} not found in --data-root {str(data_root)!r} (looked in: {places}). "
+                            f"{how_to_get}")
     failure = ""
     if download is not None:
         target = default_cache_dir()
@@ -108,7 +109,8 @@ def read_maybe_gzip(path: Path) -> bytes:
 # Written by hand: torchvision's IDX parser is private API and reads only
 # uncompressed files, while Debian ships the archives gzipped (with gzip bytes that
 # differ from upstream's, so the content is read and no archive checksum is used).
-_IDX_DTYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torch.int32, 0x0D: torch.float32, 0x0E: torch.float64}
+_IDX_DTYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torch.int32, 0x0D: torch.float32,
+               0x0E: torch.float64}
 
 
 def read_idx(path: Path) -> Tensor:

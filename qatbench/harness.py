@@ -91,7 +91,8 @@ def _load_init(model: torch.nn.Module, path: str, task: str, device: torch.devic
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise QatbenchError(f"checkpoint {path!r} does not fit task {task!r}: {len(missing)} missing keys "
-                            f"({', '.join(missing[:3])}...), {len(unexpected)} unexpected ({', '.join(unexpected[:3])}...)")
+                            f"({', '.join(missing[:3])}...), {len(unexpected)} unexpected "
+                            f"({', '.join(unexpected[:3])}...)")
 
 
 def loss_function(run: ResolvedRun, model: torch.nn.Module) -> LossFn:
@@ -240,6 +241,18 @@ class Position:
     step: int = 0  # optimizer steps since the start of training
 
 
+def checkpoint_payload(run: ResolvedRun, training: Training, monitor: TransitionMonitor, batches: Any,
+                       generators: dict[str, torch.Generator], position: Position, loss_sum: torch.Tensor,
+                       timing: dict[str, Any], progress: dict[str, Any]) -> dict[str, Any]:
+    """Everything a checkpoint holds (see `qatbench.checkpoint`); `progress` is the record so far."""
+    return {"run_id": run.run_id, "identity": run.identity, "label": run.label, "epochs": run.recipe.epochs,
+            "steps_per_epoch": training.steps_per_epoch, "position": dataclasses.asdict(position),
+            "model": training.model.state_dict(), "method": training.method.state_dict(),
+            "scheduler": training.scheduler.state_dict(), "monitor": monitor.state_dict(),
+            "batches": batches.state_dict(), "random": checkpoint.random_states(generators), "loss_sum": loss_sum,
+            "timing": timing, "record": progress}
+
+
 def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options: RunOptions,
            stop: StopRequest) -> None:
     """Train (resuming from the run's checkpoint when there is one), finalize, check exactness and
@@ -286,12 +299,10 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
     def write_checkpoint() -> None:
         if files is None:
             return
-        payload = {"run_id": run.run_id, "identity": run.identity, "position": dataclasses.asdict(position),
-                   "model": model.state_dict(), "method": method.state_dict(), "scheduler": scheduler.state_dict(),
-                   "monitor": monitor.state_dict(), "batches": data.train.state_dict(),
-                   "random": checkpoint.random_states(generators), "loss_sum": loss_sum, "timing": clock.totals,
-                   "record": {"history": record.history, "best_epoch_metric": record.best_epoch_metric,
-                              "epochs_completed": record.epochs_completed, "resumed": record.resumed}}
+        progress = {"history": record.history, "best_epoch_metric": record.best_epoch_metric,
+                    "epochs_completed": record.epochs_completed, "resumed": record.resumed}
+        payload = checkpoint_payload(run, training, monitor, data.train, generators, position, loss_sum,
+                                     clock.totals, progress)
         seconds, size = checkpoint.save(files.checkpoint, payload)
         clock.add("checkpoint_s", seconds)
         clock.totals["checkpoints"] += 1
@@ -472,6 +483,7 @@ def run_all(runs: list[ResolvedRun], out_dir: Path, data_root: Path | None = Non
 def summary_line(label: str, record: RunRecord, path: Path) -> str:
     if record.status != "ok":
         return f"[{label}] {record.status}: {record.message} -> {path}"
-    exact = {True: "exactly quantized", False: "NOT exactly quantized", None: "full precision"}[record.exactness["passed"]]
+    exact = {True: "exactly quantized", False: "NOT exactly quantized",
+             None: "full precision"}[record.exactness["passed"]]
     return (f"[{label}] ok: {record.metric_name} {record.metric:.2f}, {exact}, "
             f"{record.timing['steady_step_ms']:.3f} ms/step -> {path}")

@@ -132,7 +132,8 @@ def _finite(value: Any) -> Any:
 
 
 def record_path(out_dir: Path, task: str, method: str, bits_text: str, seed: int, run_id: str) -> Path:
-    """`out_dir/<task>/<method>-b<bits>-s<seed>-<run id>.json`; every part is checked, so the path stays in `out_dir`."""
+    """`out_dir/<task>/<method>-b<bits>-s<seed>-<run id>.json`; every part is checked, so the path stays
+    in `out_dir`."""
     check_name("task", task)
     check_name("method", method)
     if bits_text not in ("FP", "T") and not bits_text.isdigit() or not isinstance(seed, int) or seed < 0 \

@@ -134,7 +134,8 @@ def load_sweep(path: Path, device: str) -> list[RunSpec]:
     tasks = _names(owner, "tasks", data["tasks"]) if "tasks" in data else _names(owner, "task", [data["task"]])
     methods = data.get("methods")
     if not isinstance(methods, dict) or not methods:
-        raise QatbenchError(f"{owner} needs 'methods', a mapping of method name to its arguments, e.g. methods: {{ste: {{}}}}")
+        raise QatbenchError(f"{owner} needs 'methods', a mapping of method name to its arguments, "
+                            "e.g. methods: {ste: {}}")
     for name, args in methods.items():
         if args is not None and not isinstance(args, dict):
             raise QatbenchError(f"{owner}: methods.{name} must be a mapping of its arguments, got {args!r}")

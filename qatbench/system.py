@@ -84,7 +84,8 @@ class PeakMemory:
 
     def read(self) -> dict[str, Any]:
         peak = _peak_rss_mb()
-        out: dict[str, Any] = {"peak_rss_mb": peak, "rss_scope": self.rss_scope, "baseline_rss_mb": self.baseline_rss_mb}
+        out: dict[str, Any] = {"peak_rss_mb": peak, "rss_scope": self.rss_scope,
+                               "baseline_rss_mb": self.baseline_rss_mb}
         if peak is not None and self.baseline_rss_mb is not None and self.rss_scope == "run":
             out["peak_rss_increase_mb"] = peak - self.baseline_rss_mb
         if self.device.type == "cuda":

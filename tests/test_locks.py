@@ -27,9 +27,9 @@ def test_a_lock_is_taken_once_and_released(tmp_path):
 
 def test_the_lock_of_a_killed_process_on_this_host_is_reclaimed(tmp_path):
     path = tmp_path / "run.lock"
-    holder = subprocess.Popen([sys.executable, "-c", f"from qatbench.locks import try_lock; import time; "
-                               f"assert try_lock(__import__('pathlib').Path({str(path)!r})); print('held', flush=True); "
-                               "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    script = (f"import pathlib, time; from qatbench.locks import try_lock; assert try_lock(pathlib.Path({str(path)!r}));"
+              " print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     assert try_lock(path) is None  # alive: not ours
     holder.send_signal(signal.SIGKILL)

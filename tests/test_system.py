@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from qatbench.system import PeakMemory, training_state_bytes
+from qatbench.system import training_state_bytes
 
 
 class _Holder:
