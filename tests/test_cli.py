@@ -89,15 +89,26 @@ def test_unwritable_output_folder_is_refused_before_training(tmp_path, capsys):
     assert "is not writable" in err
 
 
-def test_leaderboard_skips_malformed_record_with_a_warning(idx_root, isolated_data_env, tmp_path, capsys):
+def test_leaderboard_of_mixed_good_and_bad_records_warns_once_per_bad_file(idx_root, isolated_data_env, tmp_path,
+                                                                          capsys):
     out = tmp_path / "runs"
     assert main(_run_args(idx_root, out)) == 0
+    good = json.loads(sorted(out.rglob("parq-*.json"))[0].read_text())
     (out / "garbage.json").write_text("{")
+    (out / "wrong-type.json").write_text(json.dumps({**good, "run_id": "0123456789ab", "metric": "high"}))
+    (out / "old-schema.json").write_text(json.dumps({**good, "run_id": "0123456789ac", "schema": 1}))
+    (out / "escape.json").write_text(json.dumps({**good, "run_id": "0123456789ad", "task": "../../../tmp/x"}))
+    (out / "copy.json").write_text(json.dumps(good))
     capsys.readouterr()
     assert main(["leaderboard", str(out)]) == 0
     captured = capsys.readouterr()
-    assert "warning: skipping malformed record" in captured.err and "garbage.json" in captured.err
-    assert "# mnist-mlp" in captured.out
+    warnings = [line for line in captured.err.splitlines() if line.startswith("qatbench: warning:")]
+    assert len(warnings) == 5, captured.err
+    for name, why in (("garbage.json", "Expecting"), ("wrong-type.json", "'metric' is str"),
+                      ("old-schema.json", "'schema' is 1"), ("escape.json", "invalid task name"),
+                      ("copy.json", "counted once")):
+        assert any(name in w and why in w for w in warnings), (name, warnings)
+    assert "# mnist-mlp" in captured.out and "| parq" in captured.out
 
 
 def test_leaderboard_of_a_missing_folder_is_an_error(tmp_path, capsys):
