@@ -41,11 +41,11 @@ def parq_prox(latent: Tensor, levels: Tensor, inv_slope: float, bounds: Tensor |
     if inv_slope == 1.0:
         return torch.clamp(latent, levels[:, :1], levels[:, -1:], out=out)
     rho = max(inv_slope, torch.finfo(latent.dtype).tiny)
-    if evenly_spaced:  # the interval in closed form: q_lo = q_1 + j s, j = clamp(floor((w - q_1) / s), 0, m - 2)
+    if evenly_spaced:  # the interval in closed form: j = clamp(floor(w / s - c_0), 0, m - 2), q = fl((c_0 + j) s)
         first, step = grid(levels)
-        interval = (latent - first).div_(step).floor_().clamp_(0, levels.shape[1] - 2)
-        q_lo = torch.addcmul(first, interval, step)
-        q_hi = q_lo + step
+        interval = (latent / step).sub_(first).floor_().clamp_(0, levels.shape[1] - 2).add_(first)
+        q_lo = interval * step
+        q_hi = (interval + 1).mul_(step)
     else:
         upper_index = torch.searchsorted(levels.contiguous(), latent.contiguous())
         q_lo = levels.gather(1, (upper_index - 1).clamp_(min=0))

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import leaderboard, status
+from . import deploy, leaderboard, status
 from .bench import bench, markdown
 from .errors import QatbenchError, check_choice
 from .harness import RunOptions, run_all
@@ -77,8 +77,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="a method hyper-parameter (repeatable), e.g. anneal_end=0.75")
     run.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
                      help="a task option (repeatable), e.g. hidden=64")
-    run.add_argument("--init", default=None, metavar="CHECKPOINT.pt",
-                     help="start from this full-precision checkpoint (written by a --method fp run of the task)")
+    run.add_argument("--init", default=None, metavar="CHECKPOINT",
+                     help="start from these weights: a run's export (<record>.safetensors, e.g. of a --method fp run "
+                          "of the task) or a state dict saved with torch.save")
 
     sweep = sub.add_parser("sweep", parents=[plugins, execution], help="run a YAML sweep file (see configs/)")
     sweep.add_argument("file", type=Path, help="the sweep file")
@@ -101,6 +102,15 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data-root", type=Path, default=None, help="where the data set lies (searched first)")
     bench.add_argument("--no-download", action="store_true", help="never try to download a missing data set")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder of bench records")
+
+    evaluate = sub.add_parser("eval", parents=[plugins], help="rebuild exported models and evaluate them")
+    evaluate.add_argument("exports", nargs="+", type=Path, help="<record>.safetensors files written by runs")
+    evaluate.add_argument("--data-root", type=Path, default=None, help="where the data set lies (searched first)")
+    evaluate.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    evaluate.add_argument("--download", action="store_true", help="let torchvision download a missing data set")
+
+    export = sub.add_parser("export", parents=[plugins], help="export runs from their final checkpoints")
+    export.add_argument("records", nargs="+", type=Path, help="run records whose final checkpoint was kept")
 
     status_parser = sub.add_parser("status", parents=[plugins], help="where every run of a results folder stands")
     status_parser.add_argument("runs", type=Path, help="the results folder (--out of qatbench run/sweep)")
@@ -214,6 +224,27 @@ def _cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Exit 1 when a metric differs from its record on the run's own data and device type."""
+    differs = 0
+    for path in args.exports:
+        result = deploy.evaluate_export(path, args.data_root, args.device, args.download)
+        print(result.describe())
+        differs += result.recorded is not None and not result.bitwise_equal and result.same_data \
+            and result.same_device_type
+    return 1 if differs else 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    for path in args.records:
+        summary = deploy.export_from_checkpoint(path)
+        if "error" in summary:
+            raise QatbenchError(f"{path}: {summary['error']}")
+        print(f"wrote {path.with_name(summary['file'])}: {summary['packed_bytes'] / 2**20:.3f} MB packed, "
+              f"{summary['ratio']:.3f} of the fp32 model")
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     check_choice("format", args.format, ("text", "csv", "json"))
     if not args.runs.is_dir():
@@ -283,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_list(args)
         if args.command == "status":
             return _cmd_status(args)
+        if args.command == "eval":
+            return _cmd_eval(args)
+        if args.command == "export":
+            return _cmd_export(args)
         if args.command == "bench":
             return _cmd_bench(args, argv)
         return _cmd_leaderboard(args, argv)

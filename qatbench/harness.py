@@ -27,9 +27,9 @@ import numpy
 import torch
 
 from . import checkpoint
-from .atomic import atomic_path
 from .diagnostics import TransitionMonitor
 from .errors import QatbenchError
+from .export import export_model, load_export
 from .locks import STALE_AFTER_S, read_lock, touch, try_lock
 from .method import Method
 from .quant import check_exact
@@ -58,8 +58,8 @@ class RunFiles:
         return self.record.with_suffix(".ckpt")
 
     @property
-    def weights(self) -> Path:
-        return self.record.with_suffix(".pt")
+    def export(self) -> Path:
+        return self.record.with_suffix(".safetensors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +87,17 @@ class Training:
 
 
 def _load_init(model: torch.nn.Module, path: str, task: str, device: torch.device) -> None:
-    state = torch.load(path, map_location=device, weights_only=True)
+    """Start from a checkpoint: another run's export (`.safetensors`, quantized ones dequantized) or a
+    state dict saved with `torch.save` (read with `weights_only`)."""
+    if path.endswith(".safetensors"):
+        state = load_export(Path(path)).state_dict
+    else:
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+        except Exception as err:  # a damaged or foreign file fails in many ways
+            raise QatbenchError(f"--init {path!r} is not a state dict ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise QatbenchError(f"--init {path!r} is not a state dict")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise QatbenchError(f"checkpoint {path!r} does not fit task {task!r}: {len(missing)} missing keys "
@@ -363,24 +373,39 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
     if record.status == "diverged":
         return
     method.finalize()
-    quantized = [(n, p) for n, p in model.named_parameters() if task.is_quantized(n, p)]
-    if not run.method_cls.quantizes:
-        record.exactness = {"passed": None, "reason": "full-precision method"}
-    else:
-        checks = [check_exact(n, p, run.quantizer.granularity, run.quantizer.bits) for n, p in quantized]
-        record.exactness = {
-            "passed": all(c.ok for c in checks),
-            "granularity": run.quantizer.granularity,
-            "tensors": {c.name: {"distinct": c.distinct, "allowed": c.allowed} for c in checks},
-        }
+    record.exactness = exactness_report(run, model)
     eval_start = time.perf_counter()
     record.metric = task.evaluate(model, data.test)
     timing["final_eval_s"] = time.perf_counter() - eval_start
-    if files is not None and not run.method_cls.quantizes:  # the starting point of fine-tuning QAT (--init)
-        with atomic_path(files.weights) as tmp:
-            torch.save(model.state_dict(), tmp)
-        record.checkpoint = str(files.weights)
+    if files is not None:
+        record.export = write_export(run, model, method, files.export, record)
     record.status = "ok"
+
+
+def exactness_report(run: ResolvedRun, model: torch.nn.Module) -> dict[str, Any]:
+    """The exactness check of a finalized model: at most m distinct values per row of every quantized tensor."""
+    if not run.method_cls.quantizes:
+        return {"passed": None, "reason": "full-precision method"}
+    checks = [check_exact(n, p, run.quantizer.granularity, run.quantizer.bits)
+              for n, p in model.named_parameters() if run.task.is_quantized(n, p)]
+    return {"passed": all(c.ok for c in checks), "granularity": run.quantizer.granularity,
+            "tensors": {c.name: {"distinct": c.distinct, "allowed": c.allowed} for c in checks}}
+
+
+def write_export(run: ResolvedRun, model: torch.nn.Module, method: Method, path: Path,
+                 record: RunRecord) -> dict[str, Any]:
+    """Export the finalized model (packed indices and level tables); what the record says of it, or why not."""
+    if record.exactness.get("passed") is False:
+        return {"error": "not exported: the model is not exactly quantized"}
+    names = {id(p): n for n, p in model.named_parameters()}
+    tables = {names[id(p)]: q for p, q in zip(method.quantized_params(), method.level_tables())} \
+        if run.method_cls.quantizes else {}
+    metadata = {"run_id": run.run_id, "identity": run.identity, "metric_name": record.metric_name,
+                "metric": record.metric}
+    try:
+        return export_model(path, model, tables, run.quantizer if tables else None, metadata).to_dict()
+    except QatbenchError as err:
+        return {"error": str(err)}
 
 
 def new_record(run: ResolvedRun, command: str | None) -> RunRecord:

@@ -77,6 +77,11 @@ class Method(ABC):
         """(latent weight rows, levels) of every quantized tensor, for the transition diagnostics."""
         return []
 
+    def level_tables(self) -> list[Tensor]:
+        """After `finalize()`: the level table `(rows, m)` of each tensor of `quantized_params()` (in that
+        order), whose entries the tensor's weights now are; what the export stores."""
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         """Everything `step`, `finalize` and `diagnostics` read, so that a loaded method continues exactly
         (the method generator's state is saved by the harness with the other generators)."""
@@ -206,6 +211,9 @@ class ProxMethod(Method):
 
     def quantization_state(self) -> list[tuple[Tensor, Tensor]]:
         return [(self.prox_input(w), q) for w, q in zip(self.latent_rows, self.levels)]
+
+    def level_tables(self) -> list[Tensor]:
+        return self.levels
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "latent": self.latent, "levels": self.levels, "bounds": self.bounds}

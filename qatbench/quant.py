@@ -11,6 +11,12 @@ Level sets (METHODS.md, after the PARQ reference `UnifQuantizer`, MIT):
   `s = q_max / (2^(b-1) - 1/2)`, levels `(k - (2^b - 1)/2) * s` for k = 0..2^b-1.
   For b = 1 this is `{-q_max, +q_max}`.
 * uniform ternary: `s = max|w| / 1.5`, levels `{-s, 0, s}`.
+
+One definition of a uniform level serves the level table, the closed-form fast paths and
+the exported model: `level_k = fl(c_k * s)`, the row's step `s` times the coefficient
+`c_k = k - (m - 1)/2` (an exact half-integer or integer), rounded once. The step is
+recovered exactly from a table (`grid`: `s = 2 * level` at `c = 1/2`, or the level at
+`c = 1` for ternary), so a weight the fast path quantizes is bitwise an entry of its table.
 * LSBQ, b bits (greedy least-squares binary quantization, Pouransari et al. 2020):
   `r = w`; for j = 1..b: `v_j = mean|r|`, `r -= v_j sign(r)` (sign(0) = +1);
   levels `sort{+-v_1 +- ... +- v_b}`.
@@ -99,22 +105,28 @@ def as_rows(weight: Tensor, granularity: str) -> Tensor:
     return weight.view(1, -1)
 
 
+def grid_coefficients(m: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
+    """`c_k = k - (m - 1) / 2`, k = 0..m-1: the exact multiples of the step that uniform levels are."""
+    return torch.arange(m, dtype=dtype, device=device) - (m - 1) / 2
+
+
+def _step_floor(dtype: torch.dtype) -> float:
+    """The smallest step: twice the smallest normal number, so that half a step is still normal (exact)."""
+    return 2 * torch.finfo(dtype).tiny
+
+
 def uniform_levels(rows: Tensor, bits: int, scale_method: str = "mean") -> Tensor:
-    """Uniform symmetric levels, `(rows, m)`."""
+    """Uniform symmetric levels `fl(c_k * s)`, `(rows, m)`."""
     magnitude = rows.abs()
     abs_max = magnitude.amax(dim=1, keepdim=True)
     if bits == TERNARY:
-        step = abs_max.clamp(min=torch.finfo(rows.dtype).tiny) / 1.5
-        grid = torch.tensor([-1.0, 0.0, 1.0], dtype=rows.dtype, device=rows.device)
-        return grid * step
-    if scale_method == "mean":
-        q_max = torch.minimum(bits * magnitude.mean(dim=1, keepdim=True), abs_max)
+        q_max, half_range = abs_max, 1.5
     else:
-        q_max = abs_max
-    half_range = 2 ** (bits - 1) - 0.5
-    step = q_max.clamp(min=torch.finfo(rows.dtype).tiny) / half_range
-    grid = torch.arange(2**bits, dtype=rows.dtype, device=rows.device) - half_range
-    return grid * step
+        q_max = torch.minimum(bits * magnitude.mean(dim=1, keepdim=True), abs_max) if scale_method == "mean" \
+            else abs_max
+        half_range = 2 ** (bits - 1) - 0.5
+    step = (q_max / half_range).clamp_(min=_step_floor(rows.dtype))
+    return grid_coefficients(num_levels(bits), rows.dtype, rows.device) * step
 
 
 def lsbq_levels(rows: Tensor, bits: int) -> Tensor:
@@ -147,17 +159,22 @@ def midpoints(levels: Tensor) -> Tensor:
     return ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
 
 
-def grid(levels: Tensor) -> tuple[Tensor, Tensor]:
-    """(q_1, s) per row of evenly spaced levels `q_k = q_1 + k s`, each `(rows, 1)`."""
-    return levels[:, :1], levels[:, 1:2] - levels[:, :1]
+def grid(levels: Tensor) -> tuple[float, Tensor]:
+    """`(c_0, s)` of uniform levels `fl(c_k * s)`: the first coefficient and each row's step `(rows, 1)`,
+    recovered exactly (halving and doubling are exact): `s = 2 * level` at `c = 1/2` for even m,
+    the level at `c = 1` for odd m (ternary)."""
+    m = levels.shape[1]
+    if m % 2 == 0:
+        return -(m - 1) / 2, levels[:, m // 2: m // 2 + 1] * 2
+    return -(m - 1) / 2, levels[:, (m + 1) // 2: (m + 1) // 2 + 1]
 
 
 def grid_index(rows: Tensor, levels: Tensor) -> Tensor:
-    """For evenly spaced levels (`s > 0`): `clamp(round((w - q_1) / s), 0, m - 1)`, the nearest
-    level's index as floats, in a few elementwise kernels instead of a binary search.
-    A weight within a rounding error of a midpoint may go to either neighbour."""
+    """For uniform levels: `clamp(round(w / s - c_0), 0, m - 1)`, the nearest level's index as floats,
+    in a few elementwise kernels instead of a binary search. A weight within a rounding error of a
+    midpoint may go to either neighbour."""
     first, step = grid(levels)
-    return (rows - first).div_(step).round_().clamp_(0, levels.shape[1] - 1)
+    return (rows / step).sub_(first).round_().clamp_(0, levels.shape[1] - 1)
 
 
 def level_indices(rows: Tensor, levels: Tensor, bounds: Tensor | None = None, evenly_spaced: bool = False) -> Tensor:
@@ -173,11 +190,11 @@ def level_indices(rows: Tensor, levels: Tensor, bounds: Tensor | None = None, ev
 def hard_quantize(rows: Tensor, levels: Tensor, bounds: Tensor | None = None, out: Tensor | None = None,
                   evenly_spaced: bool = False) -> Tensor:
     """Nearest level of every weight, `Q[searchsorted(midpoints(Q), w)]` (a weight exactly on a
-    midpoint goes down), written into `out` when given; with `evenly_spaced`,
-    `q_1 + s grid_index(w)`."""
+    midpoint goes down), written into `out` when given; with `evenly_spaced` (uniform levels),
+    `fl((c_0 + grid_index(w)) * s)`, bitwise the table's entry."""
     if evenly_spaced:
         first, step = grid(levels)
-        return torch.addcmul(first, grid_index(rows, levels), step, out=out)
+        return torch.mul(grid_index(rows, levels).add_(first), step, out=out)
     return torch.gather(levels, 1, level_indices(rows, levels, bounds), out=out)
 
 

@@ -61,7 +61,7 @@ class RunRecord:
     environment: dict[str, Any] = dataclasses.field(default_factory=dict)
     resumed: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # each resume: step, epoch, time
     message: str | None = None  # for statuses other than ok
-    checkpoint: str | None = None  # where the final weights were saved (full-precision runs)
+    export: dict[str, Any] | None = None  # the saved model: file, packed_bytes, fp32_bytes, file_bytes, ratio
     command: str | None = None
     created: str | None = None
     schema: int = SCHEMA_VERSION
@@ -108,7 +108,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "metric": (*_NUMBER, type(None)), "best_epoch_metric": (*_NUMBER, type(None)), "epochs_completed": (int,),
     "num_train": (int, type(None)), "num_test": (int, type(None)), "data": (dict,), "history": (list,),
     "timing": (dict,), "memory": (dict,), "exactness": (dict,), "environment": (dict,),
-    "resumed": (list,), "message": (str, type(None)), "checkpoint": (str, type(None)), "command": (str, type(None)),
+    "resumed": (list,), "message": (str, type(None)), "export": (dict, type(None)), "command": (str, type(None)),
     "created": (str, type(None)), "schema": (int,),
 }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,7 +48,7 @@ class RunSpec:
     task_args: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"help": "task options"})
     scheme: str | None = param(None, "level set: uniform | lsbq (None: the task's)")
     granularity: str | None = param(None, "channel | tensor (None: the task's)")
-    epochs: int | None = param(None, "override the recipe's epochs", ge=1)
+    epochs: int | None = param(None, "override the recipe's epochs (0: no training, e.g. rtn from --init)", ge=0)
     batch_size: int | None = param(None, "override the recipe's batch size", ge=1)
     lr: float | None = param(None, "override the recipe's learning rate", gt=0)
     device: str = param("cpu", "cpu | cuda | cuda:N")
@@ -185,3 +186,34 @@ def _checkpoint_identity(path_text: str) -> dict[str, str]:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return {"file": path.name, "sha256": digest.hexdigest()[:16]}
+
+
+IDENTITY_KEYS = ("method", "method_config", "task", "task_config", "recipe", "recipe_config", "quantizer", "seed",
+                 "precision", "compile", "channels_last", "data")
+
+
+def resolve_identity(identity: Any, device: str = "cpu") -> ResolvedRun:
+    """The run that a record's or an export's identity describes, rebuilt through the registries (no `--init`:
+    what is rebuilt loads its weights from the run's checkpoint or export). The identity is untrusted: every
+    value goes through the RunSpec schema, and the rebuilt recipe and configurations must be the recorded ones."""
+    missing = [k for k in IDENTITY_KEYS if not isinstance(identity, dict) or k not in identity]
+    if missing:
+        raise QatbenchError(f"not a run identity (it lacks {', '.join(missing)})")
+    quantizer, recipe = identity["quantizer"], identity["recipe_config"]
+    if not isinstance(quantizer, dict) or not isinstance(recipe, dict):
+        raise QatbenchError("not a run identity (its quantizer or recipe is not a mapping)")
+    method_cls = METHODS.get(identity["method"])
+    spec = make_spec({"method": identity["method"], "task": identity["task"], "seed": identity["seed"],
+                      "bits": quantizer.get("bits") if method_cls.quantizes else None, "recipe": identity["recipe"],
+                      "method_args": identity["method_config"], "task_args": identity["task_config"],
+                      "scheme": quantizer.get("scheme"), "granularity": quantizer.get("granularity"),
+                      "epochs": recipe.get("epochs"), "batch_size": recipe.get("batch_size"), "lr": recipe.get("lr"),
+                      "device": device, "precision": identity["precision"], "compile": identity["compile"],
+                      "channels_last": identity["channels_last"]}, "recorded run")
+    run = resolve(spec)
+    for key in ("method_config", "task_config", "recipe_config", "quantizer", "precision"):
+        if json.loads(json.dumps(run.base_identity[key])) != identity[key]:  # as JSON holds it: tuples are lists
+            raise QatbenchError(f"the recorded run's {key} is not what this qatbench resolves it to "
+                                f"({identity[key]!r} vs {run.base_identity[key]!r}): the code has changed since")
+    run.base_identity.update(device_type=identity.get("device_type"), init=identity.get("init"))
+    return run

@@ -3,8 +3,8 @@ import torch
 
 from qatbench.errors import QatbenchError
 from qatbench.quant import (
-    TERNARY, QuantizerConfig, as_rows, bits_label, check_exact, distinct_per_row, estimate_levels,
-    hard_quantize, level_indices, lsbq_levels, num_levels, parse_bits, uniform_levels,
+    TERNARY, QuantizerConfig, as_rows, bits_label, check_exact, distinct_per_row, estimate_levels, grid,
+    grid_coefficients, hard_quantize, level_indices, lsbq_levels, num_levels, parse_bits, uniform_levels,
 )
 
 W = torch.tensor([[1.0, -2.0, 3.0, -4.0]])  # mean|w| = 2.5, max|w| = 4
@@ -130,3 +130,21 @@ def test_closed_form_rounding_agrees_with_the_binary_search_on_uniform_levels(bi
     indices = level_indices(rows, levels)
     assert torch.equal(level_indices(rows, levels, evenly_spaced=True), indices)
     torch.testing.assert_close(hard_quantize(rows, levels, evenly_spaced=True), levels.gather(1, indices))
+
+
+@pytest.mark.parametrize("bits", [1, TERNARY, 2, 3, 4, 8])
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+def test_fast_hard_quantization_is_bitwise_an_entry_of_the_level_table(bits, granularity):
+    torch.manual_seed(bits)
+    rows = as_rows(torch.randn(16, 3, 3, 3) * torch.logspace(-3, 2, 16)[:, None, None, None], granularity)
+    levels = estimate_levels(rows, QuantizerConfig(bits=bits, granularity=granularity))
+    fast = hard_quantize(rows, levels, evenly_spaced=True)
+    index = level_indices(rows, levels, evenly_spaced=True)
+    assert torch.equal(fast, levels.gather(1, index))  # bit for bit, not within a tolerance
+    first, step = grid(levels)
+    assert torch.equal(levels, grid_coefficients(levels.shape[1], levels.dtype) * step)
+
+
+def test_a_zero_row_has_a_normal_step_and_distinct_levels():
+    levels = estimate_levels(torch.zeros(1, 8), QuantizerConfig(bits=2))
+    assert len(levels.unique()) == 4 and torch.equal(grid(levels)[1] / 2 * 2, grid(levels)[1])

@@ -49,7 +49,7 @@ def test_quantizing_method_needs_bits():
     ("granularity", "row", "unknown granularity 'row'"),
     ("scheme", "lsqb", "did you mean 'lsbq'"),
     ("recipe", "papr", "did you mean 'paper'"),
-    ("epochs", 0, "epochs=0 must be >= 1"),
+    ("epochs", -1, "epochs=-1 must be >= 0"),
     ("epochs", "3.5", "epochs='3.5' is not a valid int"),
     ("batch_size", True, "batch_size=True is not a valid int"),
     ("lr", -1.0, "lr=-1.0 must be > 0"),

@@ -127,7 +127,7 @@ def test_fp_checkpoint_starts_a_qat_run(cifar_root, isolated_data_env, tmp_path,
     base = ["--task", "cifar10-resnet20", "--recipe", "smoke", "--batch-size", "16", "--data-root", str(cifar_root),
             "--no-download", "--out", str(out)]
     assert main(["run", "--method", "fp", *base]) == 0
-    [checkpoint] = out.rglob("fp-*.pt")
+    [checkpoint] = out.rglob("fp-*.safetensors")
     assert main(["run", "--method", "ste", "--bits", "2", "--init", str(checkpoint), *base]) == 0
     [ste] = [json.loads(p.read_text()) for p in out.rglob("ste-*.json")]
     assert ste["status"] == "ok" and ste["spec"]["init"]["file"] == checkpoint.name
