@@ -2,9 +2,15 @@
 
 Each iterator yields one epoch per `iter()`. `state_dict()` is where the current epoch
 stands (its order and how many batches were taken); after `load_state_dict(state)` the
-next `iter()` continues that epoch at the next batch instead of starting a new one.
-Together with the generators' states (saved by the harness), a resumed run draws the
-same batches, augmented the same way, as a run that was never stopped.
+next `iter()` continues that epoch at the next batch instead of starting a new one (the
+harness restores it only for a run stopped inside an epoch). An iterator whose order is a
+function of the epoch's number has `set_epoch(e)`, which the harness calls before each
+epoch. Together with the generators' states (saved by the harness), a resumed run draws
+the same batches, augmented the same way, as a run that was never stopped.
+
+`shard(rank, world)` makes an iterator yield rank `rank`'s part of each global batch (the
+`torch.tensor_split` of the batch into `world` parts), so that the ranks of a data-parallel
+run together see exactly the batches, and augmentations, of a single process.
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ import torch
 from torch import Tensor
 
 BatchTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def rank_part(batch: Tensor, rank: int, world: int) -> Tensor:
+    """Rank `rank`'s part of a global batch (along dim 0): contiguous, every row in exactly one part."""
+    return batch if world == 1 else torch.tensor_split(batch, world)[rank]
 
 
 class TensorBatches:
@@ -43,9 +54,13 @@ class TensorBatches:
         self.batch_size = batch_size
         self.shuffle, self.generator, self.drop_last = shuffle, generator, drop_last
         self.transform = transform
+        self.rank, self.world = 0, 1
         self._order: Tensor | None = None  # the current epoch's order (shuffled epochs only)
         self._position = 0  # batches taken from the current epoch
         self._resume = False
+
+    def shard(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         n = len(self.targets)
@@ -64,8 +79,12 @@ class TensorBatches:
             i = self._position
             self._position += 1
             index = order[i * self.batch_size: (i + 1) * self.batch_size]
-            inputs, targets = self.inputs[index], self.targets[index]
-            yield self.transform(inputs, targets) if self.transform else (inputs, targets)
+            if self.transform is None:  # nothing random per batch: gather this rank's part only
+                index = rank_part(index, self.rank, self.world)
+                yield self.inputs[index], self.targets[index]
+                continue
+            inputs, targets = self.transform(self.inputs[index], self.targets[index])  # as one process draws it
+            yield rank_part(inputs, self.rank, self.world), rank_part(targets, self.rank, self.world)
 
     def state_dict(self) -> dict[str, Any]:
         return {"order": self._order, "position": self._position}
@@ -76,32 +95,39 @@ class TensorBatches:
         self._position, self._resume = int(state["position"]), True
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """Indices of a data set in a fresh order each epoch, each paired with its own sample seed.
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches of a data set's indices in a fresh order each epoch, each index paired with its sample seed.
 
     Epoch e's order is `randperm(n)` under a generator seeded with (seed, e), so it needs no
     state but the epoch; the seed of sample i in epoch e is a function of (seed, e, i), so
-    a sample's random augmentation does not depend on which worker loads it, in what order,
-    or whether the run was stopped and resumed (`SeededSamples` applies it). `start` skips
-    that many samples of the epoch: where a resumed run continues.
+    a sample's random augmentation does not depend on which worker loads it, on which rank,
+    in what order, or whether the run was stopped and resumed (`SeededSamples` applies it).
+    Batches from `start` on are yielded (where a resumed run continues), each reduced to
+    this rank's part.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool) -> None:
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.epoch, self.start = 0, 0
+    def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool, drop_last: bool) -> None:
+        self.size, self.batch_size, self.seed, self.shuffle, self.drop_last = size, batch_size, seed, shuffle, drop_last
+        self.epoch, self.start, self.rank, self.world = 0, 0, 0, 1
+
+    def batches(self) -> int:
+        """Global batches in an epoch."""
+        return self.size // self.batch_size if self.drop_last else math.ceil(self.size / self.batch_size)
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return self.batches() - self.start
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.size, generator=generator).tolist()
+            order = torch.randperm(self.size, generator=generator)
         else:
-            order = list(range(self.size))
+            order = torch.arange(self.size)
         base = (self.seed * 1_000_003 + self.epoch) * 2**24
-        for position in range(self.start, self.size):
-            yield order[position], (base + order[position]) % 2**63
+        for b in range(self.start, self.batches()):
+            part = rank_part(order[b * self.batch_size: (b + 1) * self.batch_size], self.rank, self.world).tolist()
+            if part:
+                yield [(i, (base + i) % 2**63) for i in part]
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -129,29 +155,33 @@ class SeededSamples(torch.utils.data.Dataset):
 
 
 class DeviceLoader:
-    """A `torch.utils.data.DataLoader` (for data sets too large for device memory) whose batches arrive
-    on `device`, optionally transformed there (mixup, CutMix); resumable through its `EpochSampler`."""
+    """A `torch.utils.data.DataLoader` over an `EpochBatchSampler` (for data sets too large for device memory)
+    whose batches arrive on `device`, optionally transformed there (mixup, CutMix); resumable and shardable
+    through its sampler."""
 
     def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device,
                  transform: BatchTransform | None = None) -> None:
+        if not isinstance(loader.batch_sampler, EpochBatchSampler):
+            raise TypeError("DeviceLoader needs a DataLoader whose batch_sampler is an EpochBatchSampler")
         self.loader, self.device, self.transform = loader, device, transform
-        sampler = loader.sampler if isinstance(loader.sampler, EpochSampler) else None
-        self.sampler = sampler
-        self.batch_size = loader.batch_size or 1
+        self.sampler: EpochBatchSampler = loader.batch_sampler
         self._position = 0
         self._resume = False
-        self._epochs_begun = 0
+
+    def shard(self, rank: int, world: int) -> None:
+        self.sampler.rank, self.sampler.world = rank, world
+
+    def set_epoch(self, epoch: int) -> None:
+        """The next epoch's number, which chooses its order and its samples' seeds."""
+        self.sampler.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.loader.dataset) // self.batch_size if self.loader.drop_last else \
-            math.ceil(len(self.loader.dataset) / self.batch_size)
+        return self.sampler.batches()
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if self.sampler is not None:
-            if not self._resume:
-                self.sampler.epoch, self._position = self._epochs_begun, 0
-                self._epochs_begun += 1
-            self.sampler.start = self._position * self.batch_size
+        if not self._resume:
+            self._position = 0
+        self.sampler.start = self._position
         self._resume = False
         for inputs, targets in self.loader:
             self._position += 1
@@ -160,11 +190,7 @@ class DeviceLoader:
             yield self.transform(inputs, targets) if self.transform else (inputs, targets)
 
     def state_dict(self) -> dict[str, Any]:
-        epoch = self.sampler.epoch if self.sampler is not None else 0
-        return {"epoch": epoch, "position": self._position}
+        return {"position": self._position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.sampler is not None:
-            self.sampler.epoch = int(state["epoch"])
-            self._epochs_begun = self.sampler.epoch + 1
         self._position, self._resume = int(state["position"]), True

@@ -29,7 +29,7 @@ import torch
 from . import checkpoint
 from .diagnostics import TransitionMonitor
 from .errors import QatbenchError
-from .harness import Position, Training, _sync, build_training, checkpoint_payload, train_step
+from .harness import Position, Training, _sync, build_training, checkpoint_payload, rank_state, train_step
 from .quant import as_rows, estimate_levels
 from .registry import METHODS
 from .spec import ResolvedRun, RunSpec, bind_data, resolve
@@ -83,7 +83,7 @@ def _build(run: ResolvedRun, steps_per_epoch: int) -> _Contender:
 
 def _step(contender: _Contender, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
     training = contender.training
-    train_step(training.compute_loss, training.method, training.model, *batch, contender.run.recipe.grad_clip)
+    train_step(training, *batch, contender.run.recipe.grad_clip)
 
 
 def _refresh_ms(contender: _Contender, repeats: int = 20) -> float | None:
@@ -106,8 +106,8 @@ def _checkpoint_cost(contender: _Contender, batches: Any) -> tuple[float, float]
     """(milliseconds, MB) of writing one in-run checkpoint of the contender's training state."""
     run, training = contender.run, contender.training
     generators = {"data": torch.Generator(run.device), "method": torch.Generator(run.device)}
-    payload = checkpoint_payload(run, training, TransitionMonitor(training.method), batches, generators, Position(),
-                                 torch.zeros((), device=run.device), {}, {})
+    ranks = [rank_state(generators, torch.zeros((), device=run.device))]
+    payload = checkpoint_payload(run, training, TransitionMonitor(training.method), batches, ranks, Position(), {}, {})
     with tempfile.TemporaryDirectory() as folder:
         seconds, size = checkpoint.save(Path(folder) / "bench.ckpt", payload)
     return 1000 * seconds, size / 2**20

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from typing import Any
 from . import deploy, leaderboard, status
 from .bench import bench, markdown
 from .errors import QatbenchError, check_choice
+from .distributed import init_distributed, shutdown, world_from_environment
 from .harness import RunOptions, run_all
 from .params import describe, parse_assignments
 from .quant import parse_bits
@@ -60,6 +62,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_speed_options(execution)
     execution.add_argument("--shard", default=None, metavar="I/N",
                            help="run only every N-th run starting at the I-th (split a sweep over N processes)")
+    execution.add_argument("--nproc", type=int, default=1, metavar="N",
+                           help="train each run on N processes (DDP): starts torchrun --nproc-per-node N on this "
+                                "command (on CUDA, one GPU each)")
 
     run = sub.add_parser("run", parents=[plugins, execution],
                          help="train and record runs (every combination of the lists)")
@@ -170,7 +175,30 @@ def _check_writable(folder: Path) -> None:
         raise QatbenchError(f"output folder {str(folder)!r} is not writable: {err.strerror or err}") from None
 
 
+def _torchrun(nproc: int, argv: list[str]) -> None:
+    """Replace this process by `torchrun --standalone --nproc-per-node N -m qatbench ARGV` (without --nproc)."""
+    if nproc < 1:
+        raise QatbenchError(f"--nproc {nproc} must be >= 1")
+    rest, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            rest.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "qatbench", *rest]
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+
+
 def _cmd_run(specs: list[RunSpec], args: argparse.Namespace, argv: list[str]) -> int:
+    world = world_from_environment()
+    if args.nproc != 1 and not world.distributed:
+        _torchrun(args.nproc, argv)
+    device = init_distributed(world, args.device)
+    specs = [dataclasses.replace(s, device=device) for s in specs]
     if args.shard:
         specs = shard(specs, args.shard)
     runs = [resolve(spec) for spec in specs]  # validate everything before training anything
@@ -192,12 +220,15 @@ def _cmd_run(specs: list[RunSpec], args: argparse.Namespace, argv: list[str]) ->
     _check_writable(args.out)
     options = RunOptions(force=args.force, checkpoint_minutes=args.checkpoint_minutes,
                          keep_checkpoints=args.keep_checkpoints, stale_lock_s=3600 * args.stale_lock_hours,
-                         log=lambda line: print(line, flush=True), command=shlex.join(["qatbench", *argv]))
+                         log=(lambda line: print(line, flush=True)) if world.main else (lambda line: None),
+                         command=shlex.join(["qatbench", *argv]), world=world)
     records = run_all(runs, args.out, args.data_root, not args.no_download, options=options)
     failed = [r for r in records if r.status != "ok"]
     skipped = len(runs) - len(records)
     held = f", {skipped} held by other processes" if skipped else ""
-    print(f"{len(records)} runs, {len(records) - len(failed)} ok{held}; records in {args.out}/")
+    ranks = f" on {world.size} processes each" if world.distributed else ""
+    if world.main:
+        print(f"{len(records)} runs{ranks}, {len(records) - len(failed)} ok{held}; records in {args.out}/")
     return 1 if failed else 0
 
 
@@ -330,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qatbench: interrupted; every finished run's record is kept", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

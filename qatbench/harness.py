@@ -28,9 +28,10 @@ import torch
 
 from . import checkpoint
 from .diagnostics import TransitionMonitor
+from .distributed import World, all_reduce, broadcast, gather, reduce_tensor_
 from .errors import QatbenchError
 from .export import export_model, load_export
-from .locks import STALE_AFTER_S, read_lock, touch, try_lock
+from .locks import STALE_AFTER_S, RunLock, read_lock, touch, try_lock
 from .method import Method
 from .quant import check_exact
 from .results import FINISHED, RunRecord, read_record, record_path, write_record
@@ -41,6 +42,7 @@ from .system import PeakMemory, environment, training_state_bytes
 Log = Callable[[str], None]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TIMING_WARMUP_STEPS = 10  # steps after each (re)start excluded from the steady-state step time (caches, compile)
+SYNC_STEPS = 20  # on several ranks, how often they agree on stopping and checkpointing (one small all-reduce)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +74,7 @@ class RunOptions:
     stale_lock_s: float = STALE_AFTER_S  # report locks untouched this long as probably stale
     log: Log = print
     command: str | None = None
+    world: World = World()  # the processes that train each run together (torchrun)
 
 
 @dataclasses.dataclass
@@ -79,11 +82,12 @@ class Training:
     """Everything one run trains with; built the same way by a run and by `qatbench bench`."""
 
     model: torch.nn.Module
-    compute_loss: LossFn
+    compute_loss: LossFn  # the training forward (through DDP on several ranks)
     method: Method
     scheduler: torch.optim.lr_scheduler.LRScheduler
     steps_per_epoch: int
     total_steps: int
+    probe_loss: LossFn  # a forward of the model itself, for probes under no_grad
 
 
 def _load_init(model: torch.nn.Module, path: str, task: str, device: torch.device) -> None:
@@ -105,15 +109,14 @@ def _load_init(model: torch.nn.Module, path: str, task: str, device: torch.devic
                             f"({', '.join(unexpected[:3])}...)")
 
 
-def loss_function(run: ResolvedRun, model: torch.nn.Module) -> LossFn:
-    """The batch loss under the run's speed options: channels-last memory, bf16 autocast, torch.compile.
+def loss_function(run: ResolvedRun, module: torch.nn.Module) -> LossFn:
+    """The batch loss of `module` (the model, or its DDP wrapper) under the run's speed options: bf16
+    autocast, torch.compile, channels-last inputs.
 
-    The methods keep acting on `model`'s own parameters; a compiled model reads them on
+    The methods keep acting on the model's own parameters; a compiled model reads them on
     every call, so in-place updates between steps are seen."""
     spec = run.spec
-    if spec.channels_last:
-        model.to(memory_format=torch.channels_last)
-    forward = model if spec.compile == "none" else torch.compile(model, mode=spec.compile)
+    forward = module if spec.compile == "none" else torch.compile(module, mode=spec.compile)
     bf16 = run.precision == "bf16"
 
     def compute_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -125,32 +128,43 @@ def loss_function(run: ResolvedRun, model: torch.nn.Module) -> LossFn:
     return compute_loss
 
 
-def build_training(run: ResolvedRun, steps_per_epoch: int, method_generator: torch.Generator) -> Training:
-    """A fresh model (from `--init` when given), its loss, base optimizer, LR schedule and the method."""
+def build_training(run: ResolvedRun, steps_per_epoch: int, method_generator: torch.Generator,
+                   world: World = World()) -> Training:
+    """A fresh model (from `--init` when given), its loss, base optimizer, LR schedule and the method; on
+    several ranks the training forward goes through DistributedDataParallel (the gradient is averaged over
+    the ranks' parts of the global batch), while probes go through the model itself."""
     model = run.task.build_model().to(run.device)
     if run.spec.init:
         _load_init(model, run.spec.init, run.task.name, run.device)
-    compute_loss = loss_function(run, model)  # before the optimizer: it may change the weights' memory format
+    if run.spec.channels_last:  # before the optimizer and the method: it changes the weights' memory format
+        model.to(memory_format=torch.channels_last)
     optimizer = run.recipe.make_optimizer(run.task.param_groups(model))
     total_steps = run.recipe.epochs * steps_per_epoch
     scheduler = run.recipe.make_scheduler(optimizer, steps_per_epoch)
     method = run.method_cls(run.method_config, optimizer, run.quantizer, total_steps, method_generator)
-    return Training(model, compute_loss, method, scheduler, steps_per_epoch, total_steps)
+    probe_loss = loss_function(run, model)
+    if not world.distributed:
+        return Training(model, probe_loss, method, scheduler, steps_per_epoch, total_steps, probe_loss)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    return Training(model, loss_function(run, ddp), method, scheduler, steps_per_epoch, total_steps, probe_loss)
 
 
-def train_step(compute_loss: LossFn, method: Method, model: torch.nn.Module, inputs: torch.Tensor,
-               targets: torch.Tensor, grad_clip: float = 0.0) -> torch.Tensor:
+def train_step(training: Training, inputs: torch.Tensor, targets: torch.Tensor,
+               grad_clip: float = 0.0) -> torch.Tensor:
     """One step: forward and backward at the model's current weights, optional gradient-norm
     clipping, then the method's step.
 
     The closure re-evaluates this batch's loss at whatever weights the method has set,
     forward only (FOGZO's probes). Each probe sees the step's own randomness (the same
     dropout and stochastic-depth draws as the forward that took the gradient, so that every
-    probe and the gradient measure one function of the weights) and leaves the model's
-    buffers (BatchNorm's running statistics) as the training forward left them."""
+    probe and the gradient measure one function of the weights), leaves the model's buffers
+    (BatchNorm's running statistics) as the training forward left them, and on several ranks
+    returns the loss of the whole global batch (the ranks' losses averaged)."""
+    method, model = training.method, training.model
     probing = method.extra_forward_passes() > 0
     rng_before = _rng_snapshot(inputs.device) if probing else None
-    loss = compute_loss(inputs, targets)
+    loss = training.compute_loss(inputs, targets)
     loss.backward()
     if grad_clip > 0:
         params = [p for group in method.optimizer.param_groups for p in group["params"]]
@@ -164,7 +178,7 @@ def train_step(compute_loss: LossFn, method: Method, model: torch.nn.Module, inp
         def closure() -> torch.Tensor:
             _rng_restore(rng_before)
             with torch.no_grad():
-                probe = compute_loss(inputs, targets)
+                probe = reduce_tensor_(training.probe_loss(inputs, targets).detach().float(), "avg")
             if buffers:
                 torch._foreach_copy_(buffers, kept)
             _rng_restore(rng_after)
@@ -251,35 +265,55 @@ class Position:
     step: int = 0  # optimizer steps since the start of training
 
 
+def rank_state(generators: dict[str, torch.Generator], loss_sum: torch.Tensor) -> dict[str, Any]:
+    """What differs between the ranks of a run: their random generators' states and their epoch's loss sum."""
+    return {"random": checkpoint.random_states(generators), "loss_sum": loss_sum.detach().cpu()}
+
+
 def checkpoint_payload(run: ResolvedRun, training: Training, monitor: TransitionMonitor, batches: Any,
-                       generators: dict[str, torch.Generator], position: Position, loss_sum: torch.Tensor,
-                       timing: dict[str, Any], progress: dict[str, Any]) -> dict[str, Any]:
-    """Everything a checkpoint holds (see `qatbench.checkpoint`); `progress` is the record so far."""
+                       ranks: list[dict[str, Any]], position: Position, timing: dict[str, Any],
+                       progress: dict[str, Any]) -> dict[str, Any]:
+    """Everything a checkpoint holds (see `qatbench.checkpoint`): the state the ranks share (identical on
+    every rank), each rank's own `rank_state`, and `progress`, the record so far."""
     return {"run_id": run.run_id, "identity": run.identity, "label": run.label, "epochs": run.recipe.epochs,
             "steps_per_epoch": training.steps_per_epoch, "position": dataclasses.asdict(position),
             "model": training.model.state_dict(), "method": training.method.state_dict(),
             "scheduler": training.scheduler.state_dict(), "monitor": monitor.state_dict(),
-            "batches": batches.state_dict(), "random": checkpoint.random_states(generators), "loss_sum": loss_sum,
-            "timing": timing, "record": progress}
+            "batches": batches.state_dict(), "ranks": ranks, "timing": timing, "record": progress}
+
+
+def _agree(signum: int | None, due: bool) -> tuple[int, bool]:
+    """What every rank does now: stop (with the first rank's signal) and checkpoint, if any rank says so."""
+    stop_signum, checkpoint_due = all_reduce([float(signum or 0), float(due)], "max")
+    return int(stop_signum), bool(checkpoint_due)
 
 
 def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options: RunOptions,
            stop: StopRequest) -> None:
     """Train (resuming from the run's checkpoint when there is one), finalize, check exactness and
-    evaluate, filling `record` as it goes. Without `files`, nothing is written to disk."""
-    device, recipe, task, log = run.device, run.recipe, run.task, options.log
+    evaluate, filling `record` as it goes. Without `files`, nothing is written to disk. On several ranks every
+    rank trains its part of each global batch; rank 0 alone writes files."""
+    device, recipe, task, log, world = run.device, run.recipe, run.task, options.log, options.world
     _seed_everything(run.spec.seed)
     generators = {"data": torch.Generator(device).manual_seed(run.spec.seed),
                   "method": torch.Generator(device).manual_seed(run.spec.seed + 1)}
     data = task.load_data(run.data, device, recipe.batch_size, generators["data"])
     record.num_train, record.num_test = data.num_train, data.num_test
+    if world.distributed:
+        if recipe.batch_size % world.size:
+            raise QatbenchError(f"the global batch of {recipe.batch_size} does not divide over {world.size} processes")
+        for batches in (data.train, data.test):
+            if not hasattr(batches, "shard"):
+                raise QatbenchError(f"task {task.name!r}: its batches cannot be split over ranks (no shard())")
+            batches.shard(world.rank, world.size)
     memory = PeakMemory(device)
     memory.start()  # the data is resident: the peak from here on is training's
 
     steps_per_epoch = min(len(data.train), recipe.epoch_steps or len(data.train))
     if steps_per_epoch == 0:
         raise QatbenchError(f"batch size {recipe.batch_size} exceeds the {data.num_train} training examples")
-    training = build_training(run, steps_per_epoch, generators["method"])
+    training = build_training(run, steps_per_epoch, generators["method"], world)
+    sync_every = SYNC_STEPS if world.distributed else 1
     model, method, scheduler = training.model, training.method, training.scheduler
     monitor = TransitionMonitor(method)
     position = Position()
@@ -291,10 +325,14 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
         method.load_state_dict(saved["method"])
         scheduler.load_state_dict(saved["scheduler"])
         monitor.load_state_dict(saved["monitor"])
-        data.train.load_state_dict(saved["batches"])
-        checkpoint.set_random_states(saved["random"], generators)
+        if 0 < saved["position"]["step_in_epoch"] < steps_per_epoch:  # stopped inside an epoch: continue it
+            data.train.load_state_dict(saved["batches"])
+        if len(saved["ranks"]) != world.size:
+            raise QatbenchError(f"{files.checkpoint} was written by {len(saved['ranks'])} processes; resume it "
+                                f"with as many (this is {world.size})")
+        checkpoint.set_random_states(saved["ranks"][world.rank]["random"], generators)
+        loss_sum = saved["ranks"][world.rank]["loss_sum"].to(device)
         position = Position(**saved["position"])
-        loss_sum = saved["loss_sum"].to(device)
         for key in ("history", "best_epoch_metric", "epochs_completed", "resumed"):
             setattr(record, key, saved["record"][key])
         record.resumed.append({"step": position.step, "epoch": position.epoch,
@@ -309,10 +347,12 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
     def write_checkpoint() -> None:
         if files is None:
             return
+        ranks = gather(rank_state(generators, loss_sum))  # every rank takes part; rank 0 writes
+        if not world.main:
+            return
         progress = {"history": record.history, "best_epoch_metric": record.best_epoch_metric,
                     "epochs_completed": record.epochs_completed, "resumed": record.resumed}
-        payload = checkpoint_payload(run, training, monitor, data.train, generators, position, loss_sum,
-                                     clock.totals, progress)
+        payload = checkpoint_payload(run, training, monitor, data.train, ranks, position, clock.totals, progress)
         seconds, size = checkpoint.save(files.checkpoint, payload)
         clock.add("checkpoint_s", seconds)
         clock.totals["checkpoints"] += 1
@@ -322,24 +362,28 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
     for epoch in range(position.epoch, recipe.epochs):
         remaining = steps_per_epoch - position.step_in_epoch
         if remaining > 0:
+            if hasattr(data.train, "set_epoch"):
+                data.train.set_epoch(epoch)
             model.train()
             clock.begin()
             for inputs, targets in itertools.islice(data.train, remaining):
-                loss = train_step(training.compute_loss, method, model, inputs, targets, recipe.grad_clip)
+                loss = train_step(training, inputs, targets, recipe.grad_clip)
                 monitor.after_step()
                 scheduler.step()
                 loss_sum += loss.detach()
                 position.step_in_epoch += 1
                 position.step += 1
                 clock.step_done()
-                due = time.monotonic() - last_checkpoint >= 60 * options.checkpoint_minutes
-                if stop or (due and position.step_in_epoch < steps_per_epoch):
+                if position.step % sync_every:
+                    continue
+                signum, due = _agree(stop.signum, time.monotonic() - last_checkpoint >= 60 * options.checkpoint_minutes)
+                if signum or (due and position.step_in_epoch < steps_per_epoch):
                     write_checkpoint()
                     last_checkpoint = time.monotonic()
-                    if stop:
-                        raise Stopped(stop.signum, position.step)
+                    if signum:
+                        raise Stopped(signum, position.step)
             clock.end()
-        mean_loss = loss_sum.item() / steps_per_epoch
+        mean_loss = reduce_tensor_(loss_sum.clone(), "avg").item() / steps_per_epoch
         eval_start = time.perf_counter()
         metric = task.evaluate(model, data.test) if math.isfinite(mean_loss) else float("nan")
         clock.add("eval_s", time.perf_counter() - eval_start)
@@ -357,8 +401,9 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
         loss_sum = torch.zeros((), device=device)
         write_checkpoint()  # after the last epoch too: a run killed while finishing resumes here
         last_checkpoint = time.monotonic()
-        if stop:
-            raise Stopped(stop.signum, position.step)
+        signum, _ = _agree(stop.signum, False)
+        if signum:
+            raise Stopped(signum, position.step)
 
     timing = clock.totals
     timing["warmup_steps"] = clock.warmup
@@ -369,7 +414,7 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
             timing["tokens_per_s"] = timing["samples_per_s"] * task.tokens_per_sample()
     timing["train_s"] = time.perf_counter() - start - timing["eval_s"]
     record.timing = timing
-    record.memory = {**memory.read(), "state_bytes": training_state_bytes(model, method)}
+    record.memory = {**_max_over_ranks(gather(memory.read())), "state_bytes": training_state_bytes(model, method)}
     if record.status == "diverged":
         return
     method.finalize()
@@ -377,9 +422,19 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
     eval_start = time.perf_counter()
     record.metric = task.evaluate(model, data.test)
     timing["final_eval_s"] = time.perf_counter() - eval_start
-    if files is not None:
+    if files is not None and world.main:
         record.export = write_export(run, model, method, files.export, record)
     record.status = "ok"
+
+
+def _max_over_ranks(readings: list[dict[str, Any]]) -> dict[str, Any]:
+    """One memory reading from every rank's: the largest number of each field (peaks are per process)."""
+    merged = dict(readings[0])
+    for reading in readings[1:]:
+        for key, value in reading.items():
+            if isinstance(value, (int, float)) and isinstance(merged.get(key), (int, float)):
+                merged[key] = max(merged[key], value)
+    return merged
 
 
 def exactness_report(run: ResolvedRun, model: torch.nn.Module) -> dict[str, Any]:
@@ -408,12 +463,15 @@ def write_export(run: ResolvedRun, model: torch.nn.Module, method: Method, path:
         return {"error": str(err)}
 
 
-def new_record(run: ResolvedRun, command: str | None) -> RunRecord:
-    """The record of `run` before it trains (status `error` until it finishes)."""
+def new_record(run: ResolvedRun, command: str | None, world: World = World()) -> RunRecord:
+    """The record of `run` before it trains (status `error` until it finishes); it says how many processes
+    and which devices train it."""
+    env = environment(run.device)
+    env.update(world_size=world.size, devices=gather(env["device_name"]))
     return RunRecord(
         run_id=run.run_id, spec=run.identity, method=run.method_cls.name, task=run.task.name, bits=run.bits,
         seed=run.spec.seed, status="error", metric_name=run.task.metric, higher_is_better=run.task.higher_is_better,
-        quantized=run.method_cls.quantizes, data=run.data_fingerprint.to_dict(), environment=environment(run.device),
+        quantized=run.method_cls.quantizes, data=run.data_fingerprint.to_dict(), environment=env,
         command=command, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -429,7 +487,7 @@ def execute(run: ResolvedRun, data_root: Path | None = None, download: bool = Tr
     if run.data_fingerprint is None:
         bind_data([run], data_root, download)
     options = options or RunOptions(log=log, command=command)
-    record = new_record(run, options.command)
+    record = new_record(run, options.command, options.world)
     start = time.perf_counter()
     try:
         _train(run, record, files, options, stop if stop is not None else StopRequest())
@@ -437,7 +495,7 @@ def execute(run: ResolvedRun, data_root: Path | None = None, download: bool = Tr
         raise
     except Stopped as err:
         record.status, record.message = "interrupted", str(err)
-        record.timing["stopped_at_step"] = err.step
+        record.timing["stopped_at_step"], record.timing["stopped_signal"] = err.step, err.signum
     except KeyboardInterrupt:
         record.status, record.message = "interrupted", "interrupted by the user (Ctrl-C)"
     except torch.OutOfMemoryError as err:
@@ -457,6 +515,27 @@ def _finished(path: Path) -> RunRecord | None:
     return existing if existing.status in FINISHED else None
 
 
+def _claim(run: ResolvedRun, files: RunFiles, options: RunOptions) -> tuple[RunLock | None, RunRecord | None]:
+    """(the run's lock, None) when this process should train it; (None, its finished record) when it is done;
+    (None, None) when another process holds it. Says why it skips."""
+    existing = None if options.force else _finished(files.record)
+    if existing is not None:
+        options.log(f"[{run.label}] skipped: record exists ({files.record}); --force reruns it")
+        return None, existing
+    lock = try_lock(files.lock)
+    if lock is None:
+        info = read_lock(files.lock)
+        held = info.describe() if info else "held by another process"
+        stale = (f"; no sign of life for {info.age_s / 3600:.1f} h: if its owner is gone, delete {files.lock}"
+                 if info and info.age_s > options.stale_lock_s else "")
+        options.log(f"[{run.label}] skipped: {held}{stale}")
+        return None, None
+    existing = None if options.force else _finished(files.record)
+    if existing is not None:  # another process finished it while we looked
+        lock.release()
+    return (None, existing) if existing is not None else (lock, None)
+
+
 def run_all(runs: list[ResolvedRun], out_dir: Path, data_root: Path | None = None, download: bool = True,
             force: bool = False, log: Log = print, command: str | None = None,
             options: RunOptions | None = None) -> list[RunRecord]:
@@ -465,42 +544,40 @@ def run_all(runs: list[ResolvedRun], out_dir: Path, data_root: Path | None = Non
 
     Several processes may share `out_dir`: a run is trained by whoever takes its lock first. A Ctrl-C or a
     stop signal ends the sweep after the interrupted run's record (and checkpoint) is written; every record
-    written before it stays. The stop signal is re-raised as `Stopped`, Ctrl-C as KeyboardInterrupt."""
+    written before it stays. The stop signal is re-raised as `Stopped`, Ctrl-C as KeyboardInterrupt. On
+    several ranks (torchrun), rank 0 locates the data, takes the locks and writes; every rank trains."""
     options = options or RunOptions(force=force, log=log, command=command)
-    log = options.log
-    bind_data([r for r in runs if r.data_fingerprint is None], data_root, download)
+    world = options.world
+    unbound = [r for r in runs if r.data_fingerprint is None]
+    if world.main:
+        bind_data(unbound, data_root, download)
+    for run, (source, data_print) in zip(unbound, broadcast([(r.data, r.data_fingerprint) for r in unbound])):
+        run.data, run.data_fingerprint = source, data_print
     records = []
     with stop_signals() as stop:
         for run in runs:
             files = RunFiles(record_path(out_dir, run.task.name, run.method_cls.name, run.bits_text, run.spec.seed,
                                          run.run_id))
-            existing = None if options.force else _finished(files.record)
-            if existing is not None:
-                log(f"[{run.label}] skipped: record exists ({files.record}); --force reruns it")
-                records.append(existing)
+            lock, existing = _claim(run, files, options) if world.main else (None, None)
+            train, existing = broadcast((lock is not None, existing))
+            if not train:
+                records += [existing] if existing is not None else []
                 continue
-            lock = try_lock(files.lock)
-            if lock is None:
-                info = read_lock(files.lock)
-                held = info.describe() if info else "held by another process"
-                stale = (f"; no sign of life for {info.age_s / 3600:.1f} h: if its owner is gone, delete "
-                         f"{files.lock}" if info and info.age_s > options.stale_lock_s else "")
-                log(f"[{run.label}] skipped: {held}{stale}")
-                continue
-            with lock:
-                existing = None if options.force else _finished(files.record)
-                if existing is not None:  # another process finished it while we looked
-                    records.append(existing)
-                    continue
+            try:
                 record = execute(run, files=files, options=options, stop=stop)
-                write_record(files.record, record)
-                if record.status in FINISHED and not options.keep_checkpoints:
-                    files.checkpoint.unlink(missing_ok=True)
+                if world.main:
+                    write_record(files.record, record)
+                    if record.status in FINISHED and not options.keep_checkpoints:
+                        files.checkpoint.unlink(missing_ok=True)
+            finally:
+                if lock is not None:
+                    lock.release()
             records.append(record)
-            log(summary_line(run.label, record, files.record))
+            if world.main:
+                options.log(summary_line(run.label, record, files.record))
             if record.status == "interrupted":
-                if stop:
-                    raise Stopped(stop.signum, record.timing.get("stopped_at_step", 0))
+                if "stopped_at_step" in record.timing:
+                    raise Stopped(record.timing["stopped_signal"], record.timing["stopped_at_step"])
                 raise KeyboardInterrupt
     return records
 

@@ -20,6 +20,7 @@ import yaml
 from torch import Tensor, nn
 
 from .data import DataSource
+from .distributed import reduce_tensor_
 from .params import NoConfig
 
 
@@ -163,13 +164,14 @@ class Task(ABC):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
-        """Top-1 accuracy in percent over the whole test split."""
+        """Top-1 accuracy in percent over the whole test split (in a multi-process run, each rank counts its
+        shard and the counts are summed over the ranks)."""
         was_training = model.training
         model.eval()
-        correct = torch.zeros((), dtype=torch.long)
-        total = 0
+        counts = None  # (correct, seen), on the batches' device
         for inputs, targets in batches:
-            correct = correct.to(targets.device) + (model(inputs).argmax(dim=1) == targets).sum()
-            total += len(targets)
+            batch = torch.stack([(model(inputs).argmax(dim=1) == targets).sum(), targets.new_tensor(len(targets))])
+            counts = batch if counts is None else counts + batch
         model.train(was_training)
-        return 100.0 * correct.item() / total
+        correct, total = reduce_tensor_(counts.double()).tolist()
+        return 100.0 * correct / total

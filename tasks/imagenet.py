@@ -13,7 +13,7 @@ from qatbench.data import DataSource, locate
 from qatbench.errors import QatbenchError
 from qatbench.params import param
 from qatbench.registry import TASKS
-from qatbench.batches import BatchTransform, DeviceLoader, EpochSampler, SeededSamples
+from qatbench.batches import BatchTransform, DeviceLoader, EpochBatchSampler, SeededSamples
 from qatbench.task import Recipe, Task, TaskData
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the conventional ImageNet normalization constants
@@ -64,14 +64,15 @@ def folder_loaders(task: Task, train, val, device: torch.device, batch_size: int
                    train_batch_transform: BatchTransform | None = None) -> TaskData:
     """Multi-worker DataLoaders over the two splits. The order of epoch e and each sample's augmentation are
     functions of (the run's seed, e, the sample), so a resumed run loads exactly the batches it would have
-    (`EpochSampler`, `SeededSamples`); the loaders' own generator keeps them off the global RNG."""
+    (`EpochBatchSampler`, `SeededSamples`); the loaders' own generator keeps them off the global RNG."""
     seed = generator.initial_seed()
 
     def loader(split, shuffle: bool, drop_last: bool) -> torch.utils.data.DataLoader:
+        sampler = EpochBatchSampler(len(split), batch_size, seed, shuffle, drop_last)
         return torch.utils.data.DataLoader(
-            SeededSamples(split), batch_size=batch_size, sampler=EpochSampler(len(split), seed, shuffle),
-            drop_last=drop_last, generator=torch.Generator().manual_seed(seed), num_workers=task.config.workers,
-            pin_memory=device.type == "cuda", persistent_workers=task.config.workers > 0)
+            SeededSamples(split), batch_sampler=sampler, generator=torch.Generator().manual_seed(seed),
+            num_workers=task.config.workers, pin_memory=device.type == "cuda",
+            persistent_workers=task.config.workers > 0)
 
     train_loader, val_loader = loader(train, True, True), loader(val, False, False)
     return TaskData(train=DeviceLoader(train_loader, device, train_batch_transform),

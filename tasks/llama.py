@@ -16,7 +16,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from qatbench.batches import rank_part
 from qatbench.data import DataSource
+from qatbench.distributed import reduce_tensor_
 from qatbench.errors import QatbenchError
 from qatbench.params import param
 from qatbench.registry import TASKS
@@ -62,7 +64,12 @@ class TokenWindows:
             raise QatbenchError(f"the training split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
         self.tokens, self.batch_size, self.seq_len, self.steps, self.generator = tokens, batch_size, seq_len, steps, generator
         self.offsets = torch.arange(seq_len + 1, device=tokens.device)
+        self.rank, self.world = 0, 1
         self._position, self._resume = 0, False
+
+    def shard(self, rank: int, world: int) -> None:
+        """Draw every global batch's windows, keep this rank's part: disjoint windows, as one process draws them."""
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return self.steps
@@ -76,6 +83,7 @@ class TokenWindows:
             self._position += 1
             starts = torch.randint(0, high + 1, (self.batch_size,), generator=self.generator,
                                    device=self.generator.device).to(self.tokens.device)
+            starts = rank_part(starts, self.rank, self.world)
             windows = self.tokens[starts[:, None] + self.offsets].long()
             yield windows[:, :-1], windows[:, 1:]
 
@@ -93,12 +101,17 @@ class HeldOutWindows:
         if len(tokens) < 2:
             raise QatbenchError(f"the held-out split has {len(tokens)} tokens; it needs at least 2")
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        """Evaluate this rank's part of each batch; the ranks' sums together cover every token once."""
+        self.rank, self.world = rank, world
 
     @property
     def num_predictions(self) -> int:
         return len(self.tokens) - 1
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         full = self.num_predictions // self.seq_len
         for first in range(0, full, self.batch_size):
             count = min(self.batch_size, full - first)
@@ -109,6 +122,12 @@ class HeldOutWindows:
         tail = self.tokens[full * self.seq_len:].long()
         if len(tail) > 1:
             yield tail[None, :-1], tail[None, 1:]
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for inputs, targets in self._batches():
+            inputs, targets = rank_part(inputs, self.rank, self.world), rank_part(targets, self.rank, self.world)
+            if len(inputs):
+                yield inputs, targets
 
 
 def _transformers():
@@ -177,14 +196,15 @@ class LlamaTask(Task):
         """exp(mean next-token cross-entropy over the whole held-out split)."""
         was_training = model.training
         model.eval()
-        total, count = None, 0
+        sums = None  # (summed loss, tokens), float64 on the device
         for inputs, targets in batches:
             logits = model(inputs).logits
             summed = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
-            total = summed if total is None else total + summed
-            count += targets.numel()
+            batch = torch.stack([summed.double(), summed.new_tensor(targets.numel(), dtype=torch.float64)])
+            sums = batch if sums is None else sums + batch
         model.train(was_training)
-        return math.exp(total.item() / count)
+        total, count = reduce_tensor_(sums).tolist()
+        return math.exp(total / count)
 
     def locate_data(self, data_root, download) -> DataSource:
         corpus = data_root or (Path(os.environ["QATBENCH_DATA"]) if os.environ.get("QATBENCH_DATA") else None)

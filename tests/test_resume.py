@@ -38,6 +38,7 @@ def _assert_same_run(resumed, reference) -> None:
 
 
 def _kill_and_resume(argv: list[str], step: int, tmp_path: Path):
+    """Kill the run before its optimizer step `step` + 1 (checkpoints after every step), then finish it."""
     out = tmp_path / "killed"
     marker = tmp_path / "stalled"
     process = stalled_process([*argv, "--out", str(out), "--no-download", "--checkpoint-minutes", "0"], step, marker)
@@ -80,13 +81,20 @@ def test_cifar_resumes_bit_identically(isolated_data_env, tmp_path):
     _assert_same_run(_kill_and_resume(argv, 8, tmp_path), reference)
 
 
-def test_image_folder_resumes_bit_identically(isolated_data_env, tmp_path):
+@pytest.mark.parametrize("step", [9, 6], ids=["mid-epoch", "epoch-boundary"])
+def test_image_folder_resumes_bit_identically(step, isolated_data_env, tmp_path):
     root = make_image_folder(tmp_path / "imagenet", classes=3, per_class_train=8, size=36)  # 6 steps of 4
     argv = ["run", "--method", "ste", "--task", "imagenet-resnet18", "--bits", "4", "--recipe", "smoke",
             "--epochs", "2", "--batch-size", "4", "--data-root", str(root), "--task-arg", "num_classes=3",
             "--task-arg", "image_size=32", "--task-arg", "workers=0"]
     reference = _finish(argv, tmp_path / "reference")
-    _assert_same_run(_kill_and_resume(argv, 9, tmp_path), reference)
+    _assert_same_run(_kill_and_resume(argv, step, tmp_path), reference)
+
+
+def test_a_run_killed_between_epochs_resumes_with_a_fresh_epoch(idx_root, isolated_data_env, tmp_path):
+    argv = ["run", "--method", "ste", "--bits", "2", *MLP, "--data-root", str(idx_root)]
+    reference = _finish(argv, tmp_path / "reference")
+    _assert_same_run(_kill_and_resume(argv, 32, tmp_path), reference)  # the end of the first epoch
 
 
 def test_language_model_resumes_bit_identically(isolated_data_env, tmp_path):
