@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import deploy, leaderboard, status
+from . import deploy, executors, leaderboard, status
 from .bench import bench, markdown
 from .errors import QatbenchError, check_choice
 from .distributed import init_distributed, shutdown, world_from_environment
@@ -89,6 +89,19 @@ def _build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", parents=[plugins, execution], help="run a YAML sweep file (see configs/)")
     sweep.add_argument("file", type=Path, help="the sweep file")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and their record names, train nothing")
+    sweep.add_argument("--executor", default="inline",
+                       help="inline (this process, default) | local (a pool of --workers processes on this machine) "
+                            "| slurm (one job-array task per run, submitit) | debug (submitit's, in this process)")
+    sweep.add_argument("--workers", type=int, default=1, metavar="K",
+                       help="local: runs at once, each pinned to its own GPU(s); more workers than GPUs share them")
+    sweep.add_argument("--gpus-per-run", type=int, default=1, metavar="G",
+                       help="local, slurm: devices (processes, DDP) per run (default: 1)")
+    sweep.add_argument("--partition", default=None, help="slurm: the partition")
+    sweep.add_argument("--time-min", type=int, default=None, metavar="T", help="slurm: each job's time limit in minutes")
+    sweep.add_argument("--array-parallelism", type=int, default=256, metavar="K",
+                       help="slurm: job-array tasks running at once (default: 256)")
+    sweep.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="slurm: any other submitit SLURM parameter, e.g. account=ABC, qos=high (repeatable)")
 
     bench = sub.add_parser("bench", parents=[plugins], help="time each method's step against the FP step")
     bench.add_argument("--task", required=True, help="task name")
@@ -218,6 +231,8 @@ def _cmd_run(specs: list[RunSpec], args: argparse.Namespace, argv: list[str]) ->
         print(f"{len(runs)} runs{missing}")
         return 0
     _check_writable(args.out)
+    if getattr(args, "executor", "inline") != "inline":
+        return _execute_elsewhere(specs, args, argv)
     options = RunOptions(force=args.force, checkpoint_minutes=args.checkpoint_minutes,
                          keep_checkpoints=args.keep_checkpoints, stale_lock_s=3600 * args.stale_lock_hours,
                          log=(lambda line: print(line, flush=True)) if world.main else (lambda line: None),
@@ -252,6 +267,32 @@ def _cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
     path = args.out / f"{args.task}-{args.device.replace(':', '')}-{record['created'].replace(':', '')}.json"
     path.write_text(json.dumps(record, indent=1))
     print(f"record: {path}")
+    return 0
+
+
+def _execute_elsewhere(specs: list[RunSpec], args: argparse.Namespace, argv: list[str]) -> int:
+    """A sweep's runs on a local process pool or through submitit (SLURM, or its debug executor)."""
+    check_choice("executor", args.executor, executors.EXECUTORS)
+    settings = executors.Settings(out=args.out, data_root=args.data_root, download=not args.no_download,
+                                  force=args.force, checkpoint_minutes=args.checkpoint_minutes,
+                                  keep_checkpoints=args.keep_checkpoints, stale_lock_s=3600 * args.stale_lock_hours,
+                                  command=shlex.join(["qatbench", *argv]))
+    if args.executor == "local":
+        lines = executors.run_local(specs, settings, args.workers, args.gpus_per_run)
+        failed = [line for line in lines if "] ok:" not in line]
+        print(f"{len(lines)} runs on {args.workers} workers, {len(lines) - len(failed)} ok; records in {args.out}/")
+        return 1 if failed else 0
+    parameters = {"slurm_additional_parameters": parse_assignments(args.slurm_arg, "--slurm-arg")}
+    if args.executor == "slurm":
+        if not args.partition or not args.time_min or args.time_min < 1:
+            raise QatbenchError("--executor slurm needs --partition P and --time-min T (minutes, >= 1)")
+        if args.array_parallelism < 1:
+            raise QatbenchError(f"--array-parallelism {args.array_parallelism} must be >= 1")
+        parameters.update(slurm_partition=args.partition, timeout_min=args.time_min,
+                          slurm_array_parallelism=args.array_parallelism)
+    ids = executors.submit(specs, settings, args.executor, args.gpus_per_run, parameters)
+    print(f"{len(ids)} jobs submitted ({args.executor}); each run's output goes to <record>.log in {args.out}/; "
+          f"qatbench status {args.out} follows them")
     return 0
 
 

@@ -35,7 +35,7 @@ from .locks import STALE_AFTER_S, RunLock, read_lock, touch, try_lock
 from .method import Method
 from .quant import check_exact
 from .results import FINISHED, RunRecord, read_record, record_path, write_record
-from .signals import StopRequest, Stopped, stop_signals
+from .signals import STOP_SIGNALS, StopRequest, Stopped, stop_signals
 from .spec import ResolvedRun, bind_data
 from .system import PeakMemory, environment, training_state_bytes
 
@@ -75,6 +75,7 @@ class RunOptions:
     log: Log = print
     command: str | None = None
     world: World = World()  # the processes that train each run together (torchrun)
+    stop_signals: tuple[int, ...] = STOP_SIGNALS  # signals that stop a run at its next step, checkpointed
 
 
 @dataclasses.dataclass
@@ -515,6 +516,15 @@ def _finished(path: Path) -> RunRecord | None:
     return existing if existing.status in FINISHED else None
 
 
+def bind_once(runs: list[ResolvedRun], data_root: Path | None, download: bool, world: World) -> None:
+    """Locate and fingerprint the data of the runs that have none yet, on rank 0; every rank gets the result."""
+    unbound = [r for r in runs if r.data_fingerprint is None]
+    if world.main:
+        bind_data(unbound, data_root, download)
+    for run, (source, data_print) in zip(unbound, broadcast([(r.data, r.data_fingerprint) for r in unbound])):
+        run.data, run.data_fingerprint = source, data_print
+
+
 def _claim(run: ResolvedRun, files: RunFiles, options: RunOptions) -> tuple[RunLock | None, RunRecord | None]:
     """(the run's lock, None) when this process should train it; (None, its finished record) when it is done;
     (None, None) when another process holds it. Says why it skips."""
@@ -548,13 +558,9 @@ def run_all(runs: list[ResolvedRun], out_dir: Path, data_root: Path | None = Non
     several ranks (torchrun), rank 0 locates the data, takes the locks and writes; every rank trains."""
     options = options or RunOptions(force=force, log=log, command=command)
     world = options.world
-    unbound = [r for r in runs if r.data_fingerprint is None]
-    if world.main:
-        bind_data(unbound, data_root, download)
-    for run, (source, data_print) in zip(unbound, broadcast([(r.data, r.data_fingerprint) for r in unbound])):
-        run.data, run.data_fingerprint = source, data_print
+    bind_once(runs, data_root, download, world)
     records = []
-    with stop_signals() as stop:
+    with stop_signals(options.stop_signals) as stop:
         for run in runs:
             files = RunFiles(record_path(out_dir, run.task.name, run.method_cls.name, run.bits_text, run.spec.seed,
                                          run.run_id))

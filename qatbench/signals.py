@@ -50,14 +50,14 @@ def exit_code(signum: int) -> int:
 
 
 @contextlib.contextmanager
-def stop_signals() -> Iterator[StopRequest]:
-    """Route the stop signals into a StopRequest for the duration of the block (main thread only;
-    elsewhere the request is never set and the signals keep their handlers)."""
+def stop_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopRequest]:
+    """Route `signals` into a StopRequest for the duration of the block (main thread only; elsewhere the
+    request is never set and the signals keep their handlers), then give them back their handlers."""
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
-    previous = {s: signal.signal(s, request._handle) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, request._handle) for s in signals}
     try:
         yield request
     finally:

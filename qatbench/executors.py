@@ -1,0 +1,203 @@
+"""Many runs at once: a sweep on this machine's devices (a process pool) or on a SLURM cluster (submitit).
+
+The unit of work is one run (`run_one`): it resolves the run, keeps its output (every line,
+warnings and library messages included) in `<record>.log` beside its record, and goes
+through `run_all` like any run: locked (so overlapping sweeps never train a run twice),
+checkpointed, resumed. A run that needs several processes (`--gpus-per-run G > 1`) is
+started by torchrun's own launcher (`torch.distributed.launcher`), one rank per device.
+
+- `local`: the standard library's process pool with K workers; each worker is pinned to
+  its own GPU (or group of G GPUs) when there are several, or several workers share one
+  (`--workers` above the number of GPUs: two runs share one H100 at about 1.9x the
+  throughput of one).
+- `slurm`: one submitit job-array task per run (`map_array`), G tasks per job for a DDP run
+  (submitit's `TorchDistributedEnvironment` sets the ranks). A preempted or timed-out job
+  gets SIGUSR2 from SLURM (`--signal=USR2@120`): the run checkpoints at its next step,
+  records `interrupted`, and submitit requeues it; the requeued job resumes from the
+  checkpoint.
+- `debug`: submitit's debug executor: the same jobs, run one after the other in this process.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import QatbenchError
+from .signals import STOP_SIGNALS, Stopped
+
+EXECUTORS = ("inline", "local", "slurm", "debug")
+SLURM_SIGNAL_DELAY_S = 120  # seconds between SLURM's warning signal and the kill: time to reach a step and checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How each run is executed (the picklable part of RunOptions)."""
+
+    out: Path
+    data_root: Path | None = None
+    download: bool = True
+    force: bool = False
+    checkpoint_minutes: float = 10.0
+    keep_checkpoints: bool = False
+    stale_lock_s: float = 24 * 3600.0
+    command: str | None = None
+
+
+@contextlib.contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr to `path`, appended, for the duration of the block: Python's
+    streams, and the file descriptors too, so that C libraries' messages go there as well."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "a", buffering=1) as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def run_one(spec: Any, settings: Settings, stop_signals: tuple[int, ...] = STOP_SIGNALS) -> str:
+    """Train one run in this process (a rank of it, under a launcher), its output in `<record>.log`;
+    a one-line summary."""
+    from .distributed import init_distributed, world_from_environment
+    from .harness import RunFiles, RunOptions, bind_once, run_all, summary_line
+    from .results import record_path
+    from .spec import resolve
+
+    world = world_from_environment()
+    run = resolve(dataclasses.replace(spec, device=init_distributed(world, spec.device)))
+    bind_once([run], settings.data_root, settings.download, world)
+    files = RunFiles(record_path(settings.out, run.task.name, run.method_cls.name, run.bits_text, run.spec.seed,
+                                 run.run_id))
+    options = RunOptions(force=settings.force, checkpoint_minutes=settings.checkpoint_minutes,
+                         keep_checkpoints=settings.keep_checkpoints, stale_lock_s=settings.stale_lock_s,
+                         log=lambda line: print(line, flush=True), command=settings.command, world=world,
+                         stop_signals=stop_signals)
+    with output_to(files.record.with_suffix(".log")):
+        records = run_all([run], settings.out, options=options)
+    if not records:
+        return f"[{run.label}] skipped: held by another process ({files.lock})"
+    return summary_line(run.label, records[0], files.record)
+
+
+def _pin(slots: Any) -> None:
+    """Pool worker initializer: take a device slot (a CUDA_VISIBLE_DEVICES value), if there are any."""
+    slot = slots.get()
+    if slot is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = slot
+
+
+def _work(spec: Any, settings: Settings, per_run: int) -> str:
+    """One run in a pool worker: in this process, or on `per_run` ranks started by torchrun's launcher."""
+    if per_run == 1:
+        return run_one(spec, settings)
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=per_run, rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn",
+                          run_id=f"qatbench-{os.getpid()}")
+    return elastic_launch(config, run_one)(spec, settings)[0]
+
+
+def device_slots(device_type: str, workers: int, per_run: int) -> list[str | None]:
+    """The CUDA_VISIBLE_DEVICES of each of `workers` workers: disjoint groups of `per_run` GPUs, dealt round
+    robin (several workers per group when there are more workers than groups); none on the CPU."""
+    if device_type != "cuda":
+        return [None] * workers
+    import torch
+
+    count = torch.cuda.device_count()
+    groups = [",".join(str(g) for g in range(i, i + per_run)) for i in range(0, count - per_run + 1, per_run)]
+    if not groups:
+        raise QatbenchError(f"--gpus-per-run {per_run} but only {count} GPUs are visible")
+    return [groups[i % len(groups)] for i in range(workers)]
+
+
+def run_local(specs: list[Any], settings: Settings, workers: int, per_run: int, log: Any = print) -> list[str]:
+    """Every run of `specs` on a pool of `workers` processes (each pinned to its devices); the summary lines."""
+    if workers < 1 or per_run < 1:
+        raise QatbenchError(f"--workers {workers} and --gpus-per-run {per_run} must be >= 1")
+    device_type = "cuda" if specs and specs[0].device.startswith("cuda") else "cpu"
+    if device_type == "cuda":
+        specs = [dataclasses.replace(s, device="cuda") for s in specs]  # each worker sees only its own GPUs
+    context = multiprocessing.get_context("spawn")
+    slots = context.Manager().Queue()
+    for slot in device_slots(device_type, workers, per_run):
+        slots.put(slot)
+    lines = []
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_pin,
+                                                initargs=(slots,)) as pool:
+        futures = [pool.submit(_work, spec, settings, per_run) for spec in specs]
+        for future in concurrent.futures.as_completed(futures):
+            lines.append(future.result())
+            log(lines[-1])
+    return lines
+
+
+def _submitit() -> Any:
+    try:
+        import submitit
+    except ImportError:
+        raise QatbenchError("sweeps on SLURM need submitit: pip install 'qatbench[cluster]'") from None
+    return submitit
+
+
+class RunJob:
+    """A submitit job: one run, checkpointable (a requeued job resumes from the run's checkpoint)."""
+
+    def __init__(self, settings: Settings, per_run: int) -> None:
+        self.settings, self.per_run = settings, per_run
+
+    def __call__(self, spec: Any) -> str:
+        submitit = _submitit()
+        if self.per_run > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint() and requeue
+        try:
+            return run_one(spec, self.settings, (*STOP_SIGNALS, signal.SIGUSR2))
+        except Stopped as stopped:
+            if stopped.signum == signal.SIGUSR2 and callable(requeue):
+                requeue(stopped.signum, None)  # the run's checkpoint is written: now let submitit requeue
+            raise
+
+    def checkpoint(self, spec: Any) -> Any:
+        """What submitit resubmits on preemption: the same run, which resumes from its checkpoint."""
+        return _submitit().helpers.DelayedSubmission(RunJob(self.settings, self.per_run), spec)
+
+
+def submit(specs: list[Any], settings: Settings, cluster: str, per_run: int, parameters: dict[str, Any],
+           log: Any = print) -> list[str]:
+    """Submit one job per run with submitit (`cluster` slurm or debug); the job ids. The debug executor runs
+    the jobs here, one after the other."""
+    submitit = _submitit()
+    try:
+        executor = submitit.AutoExecutor(folder=settings.out / ".submitit" / "%j", cluster=cluster)
+    except RuntimeError as err:  # e.g. no srun here: not a SLURM machine
+        raise QatbenchError(f"--executor {cluster}: {err}") from None
+    executor.update_parameters(name="qatbench", gpus_per_node=per_run if specs[0].device.startswith("cuda") else 0,
+                               tasks_per_node=per_run, slurm_signal_delay_s=SLURM_SIGNAL_DELAY_S, **parameters)
+    jobs = executor.map_array(RunJob(settings, per_run), specs)
+    for job, spec in zip(jobs, specs):
+        log(f"job {job.job_id}: {spec.task} {spec.method} b{spec.bits} s{spec.seed}")
+        if cluster == "debug":
+            log(job.result())
+    return [job.job_id for job in jobs]

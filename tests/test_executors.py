@@ -1,0 +1,133 @@
+"""Sweeps through executors: a local process pool, submitit's debug executor, and the SLURM job submitit
+would submit (inspected through a stand-in `sbatch`)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+import pytest
+
+from qatbench.cli import main
+from qatbench.executors import device_slots
+from qatbench.results import load_records
+
+SWEEP = "task: mnist-mlp\nrecipe: smoke\nbits: [2]\nseeds: [0, 1]\nmethods: {ste: {}, parq: {}}\n"
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP)
+    return path
+
+
+def _records_with_logs(out):
+    records = load_records([out])
+    for record in records:
+        log = out / record.task / record.export["file"].replace(".safetensors", ".log")
+        assert f"[{record.task} {record.method} b2 s{record.seed}] ok:" in log.read_text()  # the run's output, kept
+    return records
+
+
+def test_a_local_pool_of_two_workers_runs_a_four_run_sweep(sweep, idx_root, isolated_data_env, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["sweep", str(sweep), "--executor", "local", "--workers", "2", "--data-root", str(idx_root),
+                 "--no-download", "--out", str(out)]) == 0
+    assert "4 runs on 2 workers, 4 ok" in capsys.readouterr().out
+    records = _records_with_logs(out)
+    assert len(records) == 4 and all(r.status == "ok" for r in records)
+    assert len({r.environment["pid"] for r in records}) <= 2 and os.getpid() not in {r.environment["pid"] for r in records}
+
+
+def test_submitits_debug_executor_runs_the_same_jobs(sweep, idx_root, isolated_data_env, tmp_path, capsys):
+    pytest.importorskip("submitit")
+    out = tmp_path / "runs"
+    assert main(["sweep", str(sweep), "--executor", "debug", "--data-root", str(idx_root), "--no-download",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("job DEBUG_") == 4 and "4 jobs submitted (debug)" in printed
+    assert len(_records_with_logs(out)) == 4
+
+
+def test_the_slurm_job_array_that_would_be_submitted(sweep, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("submitit")
+    captured = tmp_path / "sbatch-calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"  # a stand-in: keeps the submission file and answers as SLURM does
+    sbatch.write_text(f"#!{sys.executable}\nimport shutil, sys\nshutil.copy(sys.argv[-1], {str(captured)!r})\n"
+                      "print('Submitted batch job 4242')\n")
+    sbatch.chmod(sbatch.stat().st_mode | stat.S_IEXEC)
+    srun = bin_dir / "srun"  # submitit checks that it exists; the job would call it on the cluster
+    srun.write_text("#!/bin/sh\nexit 1\n")
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "runs"
+    assert main(["sweep", str(sweep), "--executor", "slurm", "--partition", "gpu", "--time-min", "120",
+                 "--gpus-per-run", "2", "--array-parallelism", "3", "--slurm-arg", "account=qat", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert [line.split(":")[0] for line in printed.splitlines()[:4]] == [f"job 4242_{i}" for i in range(4)]
+    script = captured.read_text()
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --time=120", "#SBATCH --array=0-3%3",
+                 "#SBATCH --ntasks-per-node=2", "#SBATCH --signal=USR2@120", "#SBATCH --account=qat"):
+        assert line in script, (line, script)
+    assert "submitit.core._submit" in script and str(out / ".submitit") in script
+
+
+def test_slurm_needs_a_partition_a_time_limit_and_a_slurm_machine(sweep, tmp_path, capsys, monkeypatch):
+    assert main(["sweep", str(sweep), "--executor", "slurm", "--out", str(tmp_path / "o")]) == 2
+    assert "needs --partition P and --time-min T" in capsys.readouterr().err
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun
+    assert main(["sweep", str(sweep), "--executor", "slurm", "--partition", "p", "--time-min", "5",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qatbench: error: --executor slurm: ") and err.count("\n") == 1
+
+
+def test_workers_are_dealt_disjoint_device_groups(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert device_slots("cuda", 4, 1) == ["0", "1", "2", "3"]
+    assert device_slots("cuda", 8, 1) == ["0", "1", "2", "3", "0", "1", "2", "3"]  # two workers per GPU
+    assert device_slots("cuda", 2, 2) == ["0,1", "2,3"]
+    assert device_slots("cpu", 3, 1) == [None, None, None]
+
+
+def test_a_slurm_job_preempted_by_usr2_checkpoints_then_hands_over_to_submitits_requeue(
+        idx_root, isolated_data_env, tmp_path, monkeypatch):
+    import signal
+
+    import qatbench.harness as harness
+    from qatbench.executors import RunJob, Settings
+    from qatbench.signals import Stopped
+    from qatbench.spec import RunSpec
+
+    pytest.importorskip("submitit")
+    real_step, calls = harness.train_step, []
+
+    def preempted_at_step_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGUSR2)  # what SLURM sends before a preemption or the time limit
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "train_step", preempted_at_step_three)
+    requeued = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))  # stands for submitit's
+    try:
+        job = RunJob(Settings(out=tmp_path / "runs", data_root=idx_root, download=False), per_run=1)
+        spec = RunSpec(method="ste", task="mnist-mlp", bits=2, recipe="smoke")
+        with pytest.raises(Stopped):
+            job(spec)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert requeued == [signal.SIGUSR2]
+    [record] = load_records([tmp_path / "runs"])
+    assert record.status == "interrupted" and "SIGUSR2 at step 3" in record.message
+    assert list((tmp_path / "runs").rglob("*.ckpt"))  # the requeued job resumes from it
+    resubmission = job.checkpoint(spec)
+    assert resubmission.args == (spec,) and isinstance(resubmission.function, RunJob)
