@@ -1,148 +1,509 @@
-"""Run records -> pandas tables -> markdown leaderboards (tabulate).
+"""Run records -> per-cell statistics (pandas) -> leaderboards in markdown, CSV, JSON or LaTeX, and figures.
 
-One markdown file per task; inside it one section per training setting (recipe,
-epochs, batch size, LR, quantizer scheme and granularity), so that runs of
-different budgets are never averaged together. Each section holds the metric
-table (methods x bits, `mean +- std (n)`, the FP baseline, best cell bold), the
-difference to FP, the cost table (steady-state ms/step, its ratio to the FP step,
-peak memory, exactness), the papers' numbers where the task knows them, and the
-commands that produced the records and that regenerate the table.
+One page per task; inside it one section per training budget (task options, epochs, batch size, optimizer,
+device type), so that runs of different budgets are never averaged together and every method meets the FP
+baseline trained on the same budget. A row is a method with its hyper-parameters (learning rate, schedule,
+quantizer scheme and granularity, the method's own options): those that vary within a section are written
+in the row label. A cell is one row at one bit width over its seeds: `mean ± s (n)` and the 95 % Student-t
+interval of the mean; bold marks the best mean of a bit-width column and every cell that Welch's t-test
+cannot tell apart from it (`qatbench.stats`). Each section adds the difference to FP, the cost (step time,
+training time, training-state and peak memory, packed size, exactness, transition rate), the papers'
+numbers where known, and figures.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from . import stats
 from .errors import QatbenchError
-from .plots import transition_rate_plot
+from .plots import (
+    metric_vs_bits_plot,
+    metric_vs_size_plot,
+    metric_vs_time_plot,
+    transition_rate_plot,
+)
 from .quant import bits_label, bits_order, parse_bits
-from .task import published
 from .results import RunRecord
+from .task import published
 
-FP_METHOD = "fp"
+FORMATS = {"md": "md", "csv": "csv", "json": "json", "latex": "tex"}  # format -> file extension
+BUDGET_KEYS = ("epochs", "batch_size", "optimizer")  # recipe keys that define a section; the others are per row
+SHARED_SHOWN = ("recipe", "lr", "lr_schedule", "weight_decay", "scheme", "granularity", "precision")
+MB = 2**20
+CELL_COLUMNS = [  # the columns of the CSV and JSON formats, one row per cell
+    "task", "section", "row", "method", "quantized", "bits", "metric_name", "higher_is_better", "n", "mean", "std",
+    "ci_low", "ci_high", "is_best", "p_vs_best", "significant_vs_best", "bold", "delta_vs_fp", "paper",
+    "paper_mean", "delta_vs_paper", "paper_in_ci", "step_ms", "step_vs_fp", "train_s", "state_mb", "peak_mb",
+    "peak_kind", "peak_reserved_mb", "packed_mb", "exact_passed", "exact_checked", "transition_rate",
+]
+
+
+# ---------------------------------------------------------------- records -> frame
 
 
 def records_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
-    """One row per record, with the columns the tables need."""
-    rows = []
-    for r in records:
-        spec = r.spec
-        quantizer = spec.get("quantizer") or {}
-        recipe = spec.get("recipe_config", {})
-        memory = r.memory or {}
-        rows.append({
-            "task": r.task, "method": r.method, "bits": bits_label(r.bits), "bits_order": bits_order(r.bits),
-            "seed": r.seed, "status": r.status, "metric": r.metric, "metric_name": r.metric_name,
-            "higher_is_better": r.higher_is_better,
-            "step_ms": (r.timing or {}).get("steady_step_ms"),
-            "peak_mb": memory.get("peak_allocated_mb", memory.get("peak_rss_mb")),
-            "memory_kind": "GPU allocated" if "peak_allocated_mb" in memory else "peak RSS",
-            "exact": (r.exactness or {}).get("passed"),
-            "transition_rate": (r.history[-1].get("transition_rate") if r.history else None),
-            "transition_series": [h.get("transition_rate") for h in r.history],
-            "setting": (f"recipe {spec.get('recipe')}: {recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}, "
-                        f"lr {recipe.get('lr')}, {recipe.get('optimizer')}, {spec.get('device_type')}"),
-            "quantizer": quantizer,
-            "method_config": json.dumps(spec.get("method_config", {}), sort_keys=True),
-            "task_config": json.dumps(spec.get("task_config", {}), sort_keys=True),
-            "num_test": r.num_test, "command": r.command, "commit": (r.environment or {}).get("git_commit"),
-            "device": (r.environment or {}).get("device_name"),
-        })
-    return pd.DataFrame(rows)
+    """One row per record, with its section (budget), its row configuration and the measured values."""
+    frame = pd.DataFrame([_record_row(r) for r in records])
+    numeric = ["metric", "step_ms", "train_s", "state_mb", "peak_mb", "peak_reserved_mb", "packed_mb", "fp32_mb",
+               "transition_rate"]
+    return frame.astype({c: float for c in numeric})
 
 
-def _variant_labels(frame: pd.DataFrame) -> pd.Series:
-    """Row label per record: the method, plus whatever of its configuration varies within the table."""
-    labels = frame["method"].copy()
-    for method, group in frame.groupby("method"):
-        configs = group["method_config"].map(json.loads)
-        quantizers = group["quantizer"].map(lambda q: {k: q[k] for k in ("scheme", "granularity") if k in q})
-        merged = [{**c, **q} for c, q in zip(configs, quantizers)]
-        varying = sorted({k for d in merged for k in d if len({json.dumps(m.get(k)) for m in merged}) > 1})
-        if varying:
-            labels[group.index] = [f"{method} (" + ", ".join(f"{k}={m.get(k)}" for k in varying) + ")" for m in merged]
-    return labels
+def _record_row(r: RunRecord) -> dict[str, Any]:
+    spec = r.spec
+    device_type = spec.get("device_type") or (r.environment or {}).get("device_type")
+    quantized = bool(getattr(r, "quantized", r.bits is not None))
+    memory = r.memory or {}
+    export = getattr(r, "export", None) or {}
+    return {
+        "task": r.task, "method": r.method, "quantized": quantized, "bits": bits_label(r.bits) if quantized else "FP",
+        "bits_order": bits_order(r.bits if quantized else None), "seed": r.seed, "status": r.status,
+        "metric": r.metric, "metric_name": r.metric_name, "higher_is_better": r.higher_is_better,
+        "section": section_key(spec), "method_config": json.dumps(spec.get("method_config") or {}, sort_keys=True),
+        "row_config": json.dumps(_row_config(spec, quantized), sort_keys=True, default=str),
+        "device_type": device_type, "step_ms": (r.timing or {}).get("steady_step_ms"),
+        "train_s": (r.timing or {}).get("train_s"), "state_mb": _mb((memory.get("state_bytes") or {}).get("total")),
+        "peak_mb": memory.get("peak_allocated_mb" if device_type == "cuda" else "peak_rss_increase_mb"),
+        "peak_reserved_mb": memory.get("peak_reserved_mb"), "packed_mb": _mb(export.get("packed_bytes")),
+        "fp32_mb": _mb(export.get("fp32_bytes")), "exact": (r.exactness or {}).get("passed"),
+        "transition_rate": r.history[-1].get("transition_rate") if r.history else None,
+        "transition_series": [h.get("transition_rate") for h in r.history],
+        "num_test": r.num_test, "command": r.command, "commit": (r.environment or {}).get("git_commit"),
+        "device": (r.environment or {}).get("device_name"),
+    }
 
 
-def _mean_std(values: pd.Series) -> tuple[float, float, int]:
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan"), len(values)
+def _mb(value: float | None) -> float | None:
+    return None if value is None else value / MB
 
 
-def _cell(mean: float, std: float, n: int) -> str:
-    return f"{mean:.2f} (1)" if n == 1 else f"{mean:.2f} ± {std:.2f} ({n})"
+def section_key(spec: dict[str, Any]) -> str:
+    """The training budget a record belongs to, as a heading: epochs, batch size, optimizer, device type and the
+    task's options. Everything else of the spec (LR included) is a property of the row."""
+    recipe = spec.get("recipe_config") or {}
+    text = (f"{recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}, {recipe.get('optimizer')} "
+            f"on {spec.get('device_type')}")
+    options = spec.get("task_config") or {}
+    return text + ("; " + ", ".join(f"{k}={_value_text(v)}" for k, v in sorted(options.items())) if options else "")
 
 
-def _bits_columns(frame: pd.DataFrame) -> list[str]:
-    quantized = frame[frame["bits"] != "FP"]
+def _row_config(spec: dict[str, Any], quantized: bool) -> dict[str, Any]:
+    """The hyper-parameters shared by every method that a row may set for itself: the recipe and its keys
+    outside the budget (LR, schedule, ...), the quantizer (for quantized runs: the FP baseline's quantizer only
+    measures transitions), the precision and the initial checkpoint."""
+    recipe = {k: v for k, v in (spec.get("recipe_config") or {}).items() if k not in BUDGET_KEYS}
+    quantizer = {k: v for k, v in (spec.get("quantizer") or {}).items() if k != "bits"} if quantized else {}
+    return {"recipe": spec.get("recipe"), **recipe, **quantizer, "precision": spec.get("precision"),
+            "init": spec.get("init")}
+
+
+def _value_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def label_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with a `row` column: the method, plus the configuration keys that vary within its (task, section):
+    its own options where they vary between its runs, and the shared hyper-parameters where they vary between
+    any runs of the section."""
+    labels = pd.Series("", index=frame.index, dtype=object)
+    for _, section in frame.groupby(["task", "section"]):
+        shared = section["row_config"].map(json.loads)
+        shared_keys = _varying_keys(shared.tolist(), absent_differs=False)  # the FP rows have no quantizer keys
+        for method, group in section.groupby("method"):
+            own = group["method_config"].map(json.loads)
+            own_keys = _varying_keys(own.tolist(), absent_differs=True)
+            for index in group.index:
+                parts = [f"{k}={_value_text(own[index][k])}" for k in own_keys if k in own[index]]
+                parts += [f"{k}={_value_text(shared[index][k])}" for k in shared_keys if k in shared[index]]
+                labels[index] = f"{method} ({', '.join(parts)})" if parts else method
+    return frame.assign(row=labels)
+
+
+def _varying_keys(configs: list[dict[str, Any]], absent_differs: bool) -> list[str]:
+    """Keys that take more than one value among the configurations that have them; with `absent_differs`, a key
+    that some configurations lack varies too."""
+    keys = sorted({k for c in configs for k in c})
+    values = {k: {json.dumps(c[k], sort_keys=True, default=str) if k in c else None for c in configs} for k in keys}
+    return [k for k in keys if len(values[k] - ({None} if not absent_differs else set())) > 1]
+
+
+def _finished(frame: pd.DataFrame) -> pd.Series:
+    """Records that enter the tables: status ok and a finite metric."""
+    return (frame["status"] == "ok") & frame["metric"].map(math.isfinite)
+
+
+def finished_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The records of `frame` that enter the tables, labelled by `label_rows` (so that a failed run's settings
+    never change a label)."""
+    return label_rows(frame[_finished(frame)])
+
+
+# ---------------------------------------------------------------- frame -> cells
+
+
+def cells(records: Sequence[RunRecord]) -> pd.DataFrame:
+    """One row per (task, section, row, bits) over the finished runs, with the columns of `CELL_COLUMNS`: the
+    summary and interval, the verdict against the best cell of its column, the difference to the section's FP
+    baseline, the paper's number, and the cost."""
+    if not records:
+        raise QatbenchError("no run records found")
+    frame = records_frame(records)
+    return cell_frame(finished_rows(frame))
+
+
+def cell_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The cells of a labelled frame of finished records, sorted by task, section, row and bit width."""
+    if frame.empty:
+        return pd.DataFrame(columns=[*CELL_COLUMNS, "bits_order", "fp32_mb", "device_type"])
+    keys = ["task", "section", "row", "bits"]
+    table = pd.DataFrame([_summarize_cell(g) for _, g in frame.groupby(keys, sort=False)])
+    table = table.sort_values(["task", "section", "quantized", "row", "bits_order"], ignore_index=True)
+    table = _with_verdicts(table)
+    table = _with_baseline(table)
+    return _with_published(table)
+
+
+def _summarize_cell(group: pd.DataFrame) -> dict[str, Any]:
+    first = group.iloc[0]
+    summary = stats.summarize(group["metric"].tolist())
+    exact = group["exact"].dropna().astype(bool)
+    cuda = first["device_type"] == "cuda"
+    return {
+        "task": first["task"], "section": first["section"], "row": first["row"], "method": first["method"],
+        "quantized": bool(first["quantized"]), "bits": first["bits"], "bits_order": first["bits_order"],
+        "metric_name": first["metric_name"], "higher_is_better": bool(first["higher_is_better"]),
+        "device_type": first["device_type"], "n": summary.n, "mean": summary.mean, "std": summary.std,
+        "ci_low": summary.ci_low, "ci_high": summary.ci_high, "step_ms": group["step_ms"].median(),
+        "train_s": group["train_s"].median(), "state_mb": group["state_mb"].median(),
+        "peak_mb": group["peak_mb"].max(), "peak_kind": "cuda allocated" if cuda else "cpu rss increase",
+        "peak_reserved_mb": group["peak_reserved_mb"].max(), "packed_mb": group["packed_mb"].median(),
+        "fp32_mb": group["fp32_mb"].median(), "exact_passed": int(exact.sum()), "exact_checked": len(exact),
+        "transition_rate": group["transition_rate"].mean(),
+    }
+
+
+def _summary(cell: pd.Series) -> stats.Summary:
+    return stats.Summary(cell["mean"], cell["std"], int(cell["n"]), cell["ci_low"], cell["ci_high"])
+
+
+def _with_verdicts(table: pd.DataFrame) -> pd.DataFrame:
+    """Each quantized cell against the best of its (task, section, bit width) column; FP cells are not ranked."""
+    verdicts: dict[int, stats.Verdict] = {}
+    for _, group in table[table["quantized"]].groupby(["task", "section", "bits"]):
+        summaries = {i: _summary(cell) for i, cell in group.iterrows()}
+        verdicts.update(stats.against_best(summaries, bool(group["higher_is_better"].iloc[0])))
+
+    def column(value: Any, missing: Any = None, dtype: type = object) -> pd.Series:
+        """One value per cell; `dtype` object keeps Python booleans and None, whatever the mix."""
+        return pd.Series([value(verdicts[i]) if i in verdicts else missing for i in table.index], index=table.index,
+                         dtype=dtype)
+
+    return table.assign(is_best=column(lambda v: v.is_best), p_vs_best=column(lambda v: v.p_value, dtype=float),
+                        significant_vs_best=column(_significant), bold=column(lambda v: v.bold, missing=False))
+
+
+def _significant(verdict: stats.Verdict) -> bool | None:
+    """Significantly different from the best cell (p < alpha); False for the best itself, None when untested."""
+    if verdict.is_best:
+        return False
+    return None if verdict.p_value is None else verdict.p_value < stats.ALPHA
+
+
+def _baseline(section: pd.DataFrame) -> pd.Series | None:
+    """The section's FP baseline: its full-precision cell with the best mean (None where there is none)."""
+    fp = section[~section["quantized"]]
+    if fp.empty:
+        return None
+    higher = bool(fp["higher_is_better"].iloc[0])
+    return fp.loc[fp["mean"].idxmax() if higher else fp["mean"].idxmin()]
+
+
+def _with_baseline(table: pd.DataFrame) -> pd.DataFrame:
+    """Difference of each cell's mean to the FP baseline of its section, and its step time as a ratio."""
+    delta = pd.Series(math.nan, index=table.index)
+    ratio = pd.Series(math.nan, index=table.index)
+    for _, section in table.groupby(["task", "section"]):
+        fp = _baseline(section)
+        if fp is not None:
+            delta[section.index] = section["mean"] - fp["mean"]
+            ratio[section.index] = section["step_ms"] / fp["step_ms"]
+    return table.assign(delta_vs_fp=delta, step_vs_fp=ratio)
+
+
+def _published_values(task: str) -> dict[tuple[str | None, str], tuple[str, float]]:
+    """{(method, bits label): (text, mean)} of the paper's numbers; the FP number under (None, "FP")."""
+    reference = published(task)
+    values: dict[tuple[str | None, str], tuple[str, float]] = {}
+    try:
+        if reference.get("fp") is not None:
+            values[(None, "FP")] = (str(reference["fp"]), stats.parse_mean_std(reference["fp"])[0])
+        for method, row in (reference.get("rows") or {}).items():
+            for bits, text in row.items():
+                values[(method, str(bits))] = (str(text), stats.parse_mean_std(text)[0])
+    except ValueError as err:
+        raise QatbenchError(f"tasks/references.yaml, task {task!r}: {err}") from None
+    return values
+
+
+def _with_published(table: pd.DataFrame) -> pd.DataFrame:
+    """The paper's number of each cell (by method and bit width; FP cells against the paper's FP), ours minus the
+    paper's mean, and whether the paper's mean lies inside our interval (None for a single run)."""
+    paper, paper_mean, delta, in_ci = [], [], [], []
+    known = {task: _published_values(task) for task in table["task"].unique()}
+    for _, cell in table.iterrows():
+        key = (cell["method"], cell["bits"]) if cell["quantized"] else (None, "FP")
+        text, mean = known[cell["task"]].get(key, (None, math.nan))
+        paper.append(text)
+        paper_mean.append(mean)
+        delta.append(cell["mean"] - mean)
+        in_ci.append(None if text is None else stats.inside(mean, cell["ci_low"], cell["ci_high"]))
+    return table.assign(paper=paper, paper_mean=paper_mean, delta_vs_paper=delta,
+                        paper_in_ci=pd.Series(in_ci, index=table.index, dtype=object))
+
+
+# ---------------------------------------------------------------- formats
+
+
+def render(records: Sequence[RunRecord], fmt: str, regenerate: str) -> dict[str, str]:
+    """{task: text} in `fmt`: md (the leaderboard page), csv or json (one row per cell, the columns of
+    `CELL_COLUMNS`), latex (a booktabs tabular of each section's metric table)."""
+    if fmt not in FORMATS:
+        raise QatbenchError(f"unknown leaderboard format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if fmt == "md":
+        return build(records, regenerate)
+    table = cells(records)
+    tables = {task: table[table["task"] == task] for task in sorted({r.task for r in records})}
+    if fmt == "latex":
+        return {task: _latex(task, group, regenerate) for task, group in tables.items()}
+    if fmt == "csv":
+        return {task: group[CELL_COLUMNS].to_csv(index=False) for task, group in tables.items()}
+    return {task: group[CELL_COLUMNS].to_json(orient="records", indent=1) + "\n" for task, group in tables.items()}
+
+
+def _latex(task: str, table: pd.DataFrame, regenerate: str) -> str:
+    """Per section: a comment naming the budget and the rule, then the tabular (`\\usepackage{booktabs}`)."""
+    parts = [f"% {task}: final metric per method and bit width; regenerate with: {regenerate}"]
+    for section, group in _sections(table):
+        bits_cols = _bits_columns(group)
+        first = group.iloc[0]
+        direction = "higher is better" if first["higher_is_better"] else "lower is better"
+        legend = (f"% Cells: final {first['metric_name']} ({direction}), mean $\\pm$ sample standard deviation "
+                  f"(number of seeds). {_bold_rule(group)}")
+        header = " & ".join(["Method", "FP", *bits_cols]) + " \\\\"
+        lines = [f"% {section}", legend, "\\begin{tabular}{l" + "c" * (1 + len(bits_cols)) + "}", "\\toprule",
+                 header, "\\midrule"]
+        for row, cells_of_row in _rows(group):
+            texts = [_latex_cell(c) if c is not None else "--" for c in _row_cells(cells_of_row, bits_cols)]
+            lines.append(" & ".join([_latex_escape(row), *texts]) + " \\\\")
+        lines += ["\\bottomrule", "\\end{tabular}"]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def _latex_cell(cell: pd.Series) -> str:
+    text = (f"{cell['mean']:.2f} ({cell['n']})$^\\dagger$" if cell["n"] == 1
+            else f"{cell['mean']:.2f} $\\pm$ {cell['std']:.2f} ({cell['n']})")
+    return f"\\textbf{{{text}}}" if cell["bold"] else text
+
+
+def _latex_escape(text: str) -> str:
+    special = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+    return "".join(special.get(ch, ch) for ch in text)
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _sections(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The sections of one task's cells, the one with the most runs first."""
+    groups = list(table.groupby("section"))
+    return sorted(groups, key=lambda item: (-int(item[1]["n"].sum()), item[0]))
+
+
+def _bits_columns(section: pd.DataFrame) -> list[str]:
+    quantized = section[section["quantized"]]
     return list(quantized.sort_values("bits_order")["bits"].drop_duplicates())
 
 
-def section_tables(frame: pd.DataFrame) -> str:
-    """The markdown of one setting of one task (all records `ok`)."""
-    higher = bool(frame["higher_is_better"].iloc[0])
-    metric_name = frame["metric_name"].iloc[0]
-    frame = frame.assign(row=_variant_labels(frame))
-    stats = {key: _mean_std(g["metric"]) for key, g in frame.groupby(["row", "bits"])}
-    bits_cols = _bits_columns(frame)
-    fp = frame[frame["method"] == FP_METHOD]
-    fp_mean = float(fp["metric"].mean()) if len(fp) else None
-    fp_step = float(fp["step_ms"].median()) if len(fp) else None
-    rows = sorted(frame["row"].unique(), key=lambda r: (r != FP_METHOD, r))
+def _rows(section: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(row label, its cells), the FP rows first, then by label."""
+    return sorted(section.groupby("row"), key=lambda item: (bool(item[1]["quantized"].iloc[0]), item[0]))
 
-    best = {}
-    for b in bits_cols:
-        means = {r: stats[(r, b)][0] for r in rows if (r, b) in stats}
-        if means:
-            best[b] = (max if higher else min)(means.values())
 
-    metric_rows, delta_rows = [], []
-    for r in rows:
-        if r == FP_METHOD:
-            metric_rows.append([r, _cell(*stats[(r, "FP")])] + ["—"] * len(bits_cols))
-            continue
-        cells, deltas = [r, "—"], [r]
-        for b in bits_cols:
-            if (r, b) not in stats:
-                cells.append("")
-                deltas.append("")
-                continue
-            mean, std, n = stats[(r, b)]
-            text = _cell(mean, std, n)
-            cells.append(f"**{text}**" if mean == best[b] else text)
-            deltas.append(f"{mean - fp_mean:+.2f}" if fp_mean is not None else "n/a (no fp runs)")
-        metric_rows.append(cells)
-        delta_rows.append(deltas)
+def _row_cells(row: pd.DataFrame, bits_cols: list[str]) -> list[pd.Series | None]:
+    """The row's cell in the FP column and in each bit-width column (None where it has none)."""
+    by_bits = {cell["bits"]: cell for _, cell in row.iterrows()}
+    return [by_bits.get(b) for b in ["FP", *bits_cols]]
 
-    cost_rows = []
-    groups = dict(tuple(frame.groupby(["row", "bits"])))
-    for r, b in ((r, b) for r in rows for b in ["FP", *bits_cols] if (r, b) in groups):
-        g = groups[(r, b)]
-        step = float(g["step_ms"].median())
-        ratio = f"{step / fp_step:.2f}x" if fp_step else "n/a"
-        exact = g["exact"]
-        exact_text = "n/a (FP)" if exact.isna().all() else f"{int((exact == True).sum())}/{len(g)}"  # noqa: E712
-        rate = g["transition_rate"].astype(float).mean()
-        rate_text = "" if pd.isna(rate) else f"{rate:.2e}"
-        cost_rows.append([r, b, f"{step:.3f}", ratio, f"{g['peak_mb'].max():.0f}", exact_text, rate_text])
 
-    direction = "higher is better" if higher else "lower is better"
-    out = [
-        f"Final {metric_name} after exact quantization, mean ± sample std (number of seeds); {direction}; "
-        "best quantized cell per bit width in bold.\n",
-        _table(["method", "FP", *bits_cols], metric_rows),
-        f"\nDifference to the FP baseline ({'n/a' if fp_mean is None else f'{fp_mean:.2f}'}), in {metric_name} points:\n",
-        _table(["method", *bits_cols], delta_rows),
-        f"\nCost: median steady-state time per training step (forward + backward + method step), its ratio to the "
-        f"fp step of the same setting, peak memory ({frame['memory_kind'].iloc[0]}, max over seeds) and runs "
-        "whose final weights passed the exactness check; last-epoch transition rate (fraction of quantized "
-        "weights changing level per step, mean over seeds; fp: against 2-bit levels):\n",
-        _table(["method", "bits", "ms/step", "vs fp", "peak MB", "exact", "transitions"], cost_rows),
+def _cell_text(cell: pd.Series) -> str:
+    """`mean ± s (n) [ci_low, ci_high]`, or `mean (1)†` for a single run; bold when the verdict says so."""
+    if cell["n"] == 1:
+        text = f"{cell['mean']:.2f} (1)†"
+    else:
+        text = f"{cell['mean']:.2f} ± {cell['std']:.2f} ({cell['n']}) [{cell['ci_low']:.2f}, {cell['ci_high']:.2f}]"
+    return f"**{text}**" if cell["bold"] else text
+
+
+def _number(value: float, spec: str) -> str:
+    """`value` formatted, or an empty cell where it is missing."""
+    return "" if value is None or pd.isna(value) else format(value, spec)
+
+
+def _bold_rule(section: pd.DataFrame) -> str:
+    """The legend of the bold cells: which test, at which level, and what a single run can and cannot be."""
+    rule = (f"Bold, in each bit-width column: the best mean and every cell not significantly different from it "
+            f"({stats.TEST_NAME}, against the best cell; bold when p >= {stats.ALPHA:g}).")
+    if not (section["n"] == 1).any():
+        return rule
+    return (f"{rule} A single run (n = 1, †) has no interval and cannot be tested: it is bold only when it has "
+            "the best mean, and a column whose best cell is a single run has no other bold cell.")
+
+
+def _metric_table(section: pd.DataFrame) -> str:
+    bits_cols = _bits_columns(section)
+    rows = [[row, *(_cell_text(c) if c is not None else "—" for c in _row_cells(group, bits_cols))]
+            for row, group in _rows(section)]
+    first = section.iloc[0]
+    direction = "higher is better" if first["higher_is_better"] else "lower is better"
+    level, quantile = f"{stats.LEVEL:.0%}", f"{(1 + stats.LEVEL) / 2:g}"
+    legend = (f"Final {first['metric_name']} after exact quantization: mean ± sample standard deviation (number "
+              f"of seeds) [{level} confidence interval of the mean, Student t: mean ± t({quantile}, n−1)·s/√n]; "
+              f"{direction}.")
+    return f"{legend}\n\n{_table(['method', 'FP', *bits_cols], rows)}\n\n{_bold_rule(section)}\n"
+
+
+def _delta_table(section: pd.DataFrame) -> str:
+    fp = _baseline(section)
+    if fp is None:
+        return "\nNo full-precision run shares this budget: there is no difference to FP.\n"
+    bits_cols = _bits_columns(section)
+    rows = [[row, *(_number(c["delta_vs_fp"], "+.2f") if c is not None else "" for c in
+                    _row_cells(group, bits_cols)[1:])]
+            for row, group in _rows(section) if group["quantized"].iloc[0]]
+    which = " (the FP row with the best mean)" if (~section["quantized"]).sum() > 1 else ""
+    return (f"\nDifference of each mean to the FP baseline{which} ({fp['row']}: {fp['mean']:.2f}), "
+            f"in {fp['metric_name']} points:\n\n" + _table(["method", *bits_cols], rows) + "\n")
+
+
+def _cost_table(section: pd.DataFrame) -> str:
+    cuda = (section["device_type"] == "cuda").any()
+    peak_headers = ["peak alloc MB", "peak reserved MB"] if cuda else ["peak RSS +MB"]
+    rows = []
+    for row, group in _rows(section):
+        for _, c in group.sort_values("bits_order").iterrows():
+            exact = "n/a" if c["exact_checked"] == 0 else f"{c['exact_passed']}/{c['exact_checked']}"
+            peaks = [_number(c["peak_mb"], ".0f")] + ([_number(c["peak_reserved_mb"], ".0f")] if cuda else [])
+            ratio = _number(c["step_vs_fp"], ".2f")
+            rows.append([row, c["bits"], _number(c["step_ms"], ".3f"), ratio and f"{ratio}x",
+                         _number(c["train_s"], ".1f"), _number(c["state_mb"], ".2f"), *peaks,
+                         _number(c["packed_mb"], ".3f"), exact, _number(c["transition_rate"], ".2e")])
+    peak_text = ("peak memory on the GPU during training, max over seeds (`torch.cuda.max_memory_allocated`, and "
+                 "`max_memory_reserved` by the caching allocator)") if cuda else (
+        "peak memory: the increase of the process's peak resident set size over its level before training, max "
+        "over seeds (empty for records that predate it)")
+    headers = ["method", "bits", "ms/step", "vs FP", "train s", "state MB", *peak_headers, "packed MB", "exact",
+               "transitions"]
+    legend = ("Cost, per row and bit width (medians over seeds unless said): steady-state time per training step "
+              "(forward + backward + method step) and its ratio to the FP baseline's step; training wall-clock in "
+              "seconds; training state in MB (parameters, gradients, optimizer and method state, measured from the "
+              f"tensors); {peak_text}; packed size of the exported model in MB; runs whose final weights passed the "
+              "exactness check; last-epoch transition rate (fraction of quantized weights changing level per step, "
+              "mean over seeds; FP: against 2-bit levels). Empty: not recorded.")
+    return f"\n{legend}\n\n{_table(headers, rows)}\n"
+
+
+def _paper_table(section: pd.DataFrame) -> str:
+    known = section[section["paper"].notna()]
+    if known.empty:
+        return ""
+    bits_cols = [b for b in ["FP", *_bits_columns(section)] if b in set(known["bits"])]
+    rows = []
+    for row, group in _rows(known):
+        by_bits = {c["bits"]: c for _, c in group.iterrows()}
+        rows.append([row, *(_paper_text(by_bits[b]) if b in by_bits else "" for b in bits_cols)])
+    source = published(section["task"].iloc[0]).get("source")
+    return (f"\nAgainst the published numbers ({source}): our mean minus the paper's, and whether the paper's mean "
+            f"lies inside our {stats.LEVEL:.0%} interval (a single run has none). The paper's budget may differ "
+            "from this section's.\n\n" + _table(["method", *bits_cols], rows) + "\n")
+
+
+def _paper_text(cell: pd.Series) -> str:
+    where = {True: "inside", False: "outside", None: "n = 1"}[cell["paper_in_ci"]]
+    return f"{cell['delta_vs_paper']:+.2f} ({where}; paper {cell['paper']})"
+
+
+def _shared_settings(records: pd.DataFrame) -> str:
+    """The hyper-parameters that are the same for every row of a section (the varying ones are in row labels)."""
+    configs = [json.loads(c) for c in records["row_config"]]
+    varying = set(_varying_keys(configs, absent_differs=False))
+    values = {k: next((c[k] for c in configs if c.get(k) is not None), None) for k in SHARED_SHOWN if k not in varying}
+    return ", ".join(f"{k} {_value_text(v)}" for k, v in values.items() if v is not None)
+
+
+def _section_intro(records: pd.DataFrame) -> str:
+    sizes = ", ".join(str(int(s)) for s in sorted(records["num_test"].dropna().unique()))
+    devices = ", ".join(sorted(records["device"].dropna().unique())) or "unknown"
+    return (f"Evaluated on {sizes or 'an unknown number of'} test examples; device {devices}. Shared by every row: "
+            f"{_shared_settings(records)}; a row label names the settings that differ between rows.\n")
+
+
+def _figures(task: str, number: int, section: pd.DataFrame, records: pd.DataFrame, plot_dir: Path) -> list[str]:
+    """Write the section's figures into `plot_dir` and return their markdown (only those with data)."""
+    title = f"{task}, {section['section'].iloc[0]}"
+    metric = section["metric_name"].iloc[0]
+    level = f"{stats.LEVEL:.0%}"
+    figures = [  # (file name part, alt text, caption, drawing function)
+        ("bits", f"{metric} against bit width",
+         f"error bars: the {level} interval of the mean; FP: a horizontal line with its interval shaded",
+         lambda p: metric_vs_bits_plot(section, p, title)),
+        ("time", f"{metric} against training time",
+         "one panel per bit width: mean and interval against median training wall-clock (equal compute)",
+         lambda p: metric_vs_time_plot(section, p, title)),
+        ("size", f"{metric} against model size",
+         "packed size of the exported model, one line per method through its bit widths; FP at its fp32 size",
+         lambda p: metric_vs_size_plot(section, p, title)),
+        ("transitions", "transition rate per epoch", "mean over seeds",
+         lambda p: transition_rate_plot(records, p, title)),
     ]
-    return "\n".join(out)
+    out = []
+    for kind, alt, caption, draw in figures:
+        name = f"{task}-{kind}-{number}.png"
+        if draw(plot_dir / name):
+            out.append(f"\n{alt[0].upper()}{alt[1:]} ({caption}):\n\n![{alt}]({name})\n")
+    return out
+
+
+def task_markdown(task: str, frame: pd.DataFrame, regenerate: str, plot_dir: Path | None = None) -> str:
+    """The whole leaderboard page of one task from its records (`records_frame`); with `plot_dir`, its figures are
+    written there."""
+    finished = finished_rows(frame)
+    table = cell_frame(finished)
+    parts = [f"# {task}\n"]
+    for number, (section, group) in enumerate(_sections(table), start=1):
+        records = finished[finished["section"] == section]
+        parts += [f"## {section}\n", _section_intro(records), _metric_table(group), _delta_table(group),
+                  _cost_table(group), _paper_table(group)]
+        if plot_dir is not None:
+            parts += _figures(task, number, group, records, plot_dir)
+    left_out = frame[~_finished(frame)]
+    if len(left_out):
+        left_out = left_out.assign(status=left_out["status"].replace("ok", "ok, no metric"))
+        counts = ", ".join(f"{s}: {n}" for s, n in left_out["status"].value_counts().items())
+        parts.append(f"Runs left out of the tables ({counts}):")
+        parts.append(_table(["method", "bits", "seed", "status"],
+                            left_out[["method", "bits", "seed", "status"]].astype(str).values.tolist()))
+    parts.append(_reference_section(task))
+    parts.append(_provenance(frame, regenerate))
+    return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -162,40 +523,16 @@ def _reference_section(task: str) -> str:
             + _table(["method", *bits_cols], rows) + "\n")
 
 
-def task_markdown(task: str, frame: pd.DataFrame, regenerate: str, plot_dir: Path | None = None) -> str:
-    """The whole leaderboard file of one task; with `plot_dir`, transition-rate figures are written there."""
-    ok = frame[frame["status"] == "ok"]
-    parts = [f"# {task}\n"]
-    settings = sorted(ok.groupby("setting"), key=lambda item: (-len(item[1]), item[0]))  # the largest first
-    for number, (setting, group) in enumerate(settings, start=1):
-        sizes = sorted(group["num_test"].dropna().unique())
-        configs = sorted(group["task_config"].unique())
-        parts.append(f"## {setting}\n")
-        parts.append(f"Task options {', '.join(configs)}; evaluated on {', '.join(str(int(s)) for s in sizes)} "
-                     f"test examples; device {', '.join(sorted(group['device'].dropna().unique()))}.\n")
-        parts.append(section_tables(group))
-        figure = f"{task}-transitions-{number}.png"
-        if plot_dir is not None and transition_rate_plot(group, plot_dir / figure, f"{task}, {setting}"):
-            parts.append(f"\nTransition rate per epoch, mean over seeds:\n\n![transition rate per epoch]({figure})\n")
-    failed = frame[frame["status"] != "ok"]
-    if len(failed):
-        counts = ", ".join(f"{s}: {n}" for s, n in failed["status"].value_counts().items())
-        parts.append(f"\nRuns left out of the tables ({counts}):\n")
-        parts.append(_table(["method", "bits", "seed", "status"],
-                            failed[["method", "bits", "seed", "status"]].astype(str).values.tolist()))
-    parts.append(_reference_section(task))
+def _provenance(frame: pd.DataFrame, regenerate: str) -> str:
     commands = sorted(c for c in frame["command"].dropna().unique())
     commits = sorted(c for c in frame["commit"].dropna().unique())
-    parts.append("\n## Provenance\n")
-    parts.append(f"{len(frame)} run records; qatbench commits {', '.join(commits) or 'unknown'}. "
-                 "The records were produced by:\n")
-    parts.append("```\n" + "\n".join(commands or ["(no command recorded)"]) + "\n```\n")
-    parts.append(f"Regenerate this table with:\n\n```\n{regenerate}\n```\n")
-    return "\n".join(parts)
+    return (f"\n## Provenance\n\n{len(frame)} run records; qatbench commits {', '.join(commits) or 'unknown'}. "
+            "The records were produced by:\n\n```\n" + "\n".join(commands or ["(no command recorded)"])
+            + f"\n```\n\nRegenerate this table with:\n\n```\n{regenerate}\n```\n")
 
 
 def build(records: Sequence[RunRecord], regenerate: str, plot_dir: Path | None = None) -> dict[str, str]:
-    """{task name: markdown} for every task present in `records`."""
+    """{task name: markdown} for every task present in `records`; with `plot_dir`, figures are written there."""
     if not records:
         raise QatbenchError("no run records found")
     frame = records_frame(records)
@@ -215,18 +552,24 @@ def index_markdown(records: Sequence[RunRecord], regenerate: str, extra_pages: S
             + f"\n{pages}\nRegenerate with:\n\n```\n{regenerate}\n```\n")
 
 
-def write(records: Sequence[RunRecord], out_dir: Path, regenerate: str) -> list[Path]:
-    """Write one `<task>.md` per task (with its figures when matplotlib is installed) and the index `README.md`."""
+def write(records: Sequence[RunRecord], out_dir: Path, regenerate: str, fmt: str = "md") -> list[Path]:
+    """Write one `<task>.<ext>` per task in `fmt`; markdown also writes its figures (when matplotlib is
+    installed) and the index `README.md`."""
+    if fmt not in FORMATS:
+        raise QatbenchError(f"unknown leaderboard format {fmt!r}; valid: {', '.join(FORMATS)}")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        tables = build(records, regenerate, plot_dir=out_dir)
+        texts = build(records, regenerate, plot_dir=out_dir) if fmt == "md" else render(records, fmt, regenerate)
         paths = []
-        for task, text in tables.items():
-            path = out_dir / f"{task}.md"
+        for task, text in texts.items():
+            path = out_dir / f"{task}.{FORMATS[fmt]}"
             path.write_text(text)
             paths.append(path)
+        if fmt != "md":
+            return paths
         index = out_dir / "README.md"
-        extra = [p.name for p in sorted(out_dir.glob("*.md")) if p.name not in ("README.md", *(f"{t}.md" for t in tables))]
+        own = {"README.md", *(f"{t}.md" for t in texts)}
+        extra = [p.name for p in sorted(out_dir.glob("*.md")) if p.name not in own]
         index.write_text(index_markdown(records, regenerate, extra))
     except OSError as err:
         raise QatbenchError(f"cannot write leaderboard into {out_dir}: {err.strerror or err}") from None

@@ -1,0 +1,93 @@
+import math
+
+import pytest
+from scipy import stats as scipy_stats
+
+from qatbench import stats
+
+
+def test_critical_t_value_is_students_two_sided_quantile():
+    assert stats.t_critical(3) == pytest.approx(4.302653, abs=1e-6)
+    assert stats.t_critical(2) == pytest.approx(12.706205, abs=1e-6)
+    assert math.isnan(stats.t_critical(1))
+
+
+def test_summary_is_mean_sample_std_and_the_student_t_interval():
+    s = stats.summarize([80.0, 84.0, 82.0])
+    assert (s.mean, s.std, s.n) == (82.0, 2.0, 3)
+    assert s.ci_low == pytest.approx(82 - 4.9683, abs=1e-4) and s.ci_high == pytest.approx(82 + 4.9683, abs=1e-4)
+
+
+def test_a_single_run_has_no_spread_and_no_interval():
+    s = stats.summarize([70.0])
+    assert s.mean == 70.0 and s.n == 1 and math.isnan(s.std) and math.isnan(s.ci_low) and math.isnan(s.ci_high)
+    with pytest.raises(ValueError, match="empty"):
+        stats.summarize([])
+
+
+def test_welch_p_follows_the_formula_and_agrees_with_scipy_on_the_raw_values():
+    a, b = [85.0, 87.0], [80.0, 84.0, 82.0]
+    va, vb = 2.0 / 2, 4.0 / 3  # s^2 / n
+    t = (86 - 82) / math.sqrt(va + vb)
+    nu = (va + vb) ** 2 / (va**2 / 1 + vb**2 / 2)
+    expected = 2 * scipy_stats.t.sf(abs(t), nu)
+    p = stats.welch_p(stats.summarize(a), stats.summarize(b))
+    assert p == pytest.approx(expected, rel=1e-9) and p == pytest.approx(0.082441, abs=1e-6)
+    assert p == pytest.approx(scipy_stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-9)
+
+
+def test_welch_p_is_none_for_a_single_run_and_decided_by_the_means_without_spread():
+    one, three = stats.summarize([70.0]), stats.summarize([69.0, 70.0, 71.0])
+    assert stats.welch_p(one, three) is None and stats.welch_p(three, one) is None
+    assert stats.welch_p(stats.summarize([5.0, 5.0]), stats.summarize([5.0, 5.0, 5.0])) == 1.0
+    assert stats.welch_p(stats.summarize([5.0, 5.0]), stats.summarize([6.0, 6.0])) == 0.0
+
+
+def test_cells_clearly_worse_than_the_best_are_not_bold_close_ones_are():
+    cells = {"parq": stats.summarize([85.0, 87.0]), "ste": stats.summarize([80.0, 84.0, 82.0]),
+             "talr": stats.summarize([70.0, 70.5, 69.5])}
+    verdicts = stats.against_best(cells, higher_is_better=True)
+    assert verdicts["parq"] == stats.Verdict(is_best=True, p_value=None, bold=True)
+    assert verdicts["ste"].bold and verdicts["ste"].p_value == pytest.approx(0.0824, abs=1e-4)
+    assert not verdicts["talr"].bold and verdicts["talr"].p_value == pytest.approx(0.0271, abs=1e-4)
+
+
+def test_lower_is_better_makes_the_lowest_mean_the_best():
+    cells = {"a": stats.summarize([20.0, 20.5]), "b": stats.summarize([30.0, 31.0])}
+    verdicts = stats.against_best(cells, higher_is_better=False)
+    assert verdicts["a"].is_best and verdicts["a"].bold and not verdicts["b"].bold
+
+
+def test_a_single_run_is_bold_only_as_the_best_and_a_single_best_run_tests_nothing():
+    close = stats.summarize([70.9, 70.95, 71.0])
+    verdicts = stats.against_best({"one": stats.summarize([71.0]), "three": close}, higher_is_better=True)
+    assert verdicts["one"].bold and verdicts["three"] == stats.Verdict(False, None, False)
+    verdicts = stats.against_best({"one": stats.summarize([70.9]), "three": close}, higher_is_better=True)
+    assert verdicts["three"].is_best and verdicts["one"] == stats.Verdict(False, None, False)
+
+
+def test_equal_best_means_are_all_best():
+    verdicts = stats.against_best({"a": stats.summarize([1.0]), "b": stats.summarize([1.0])}, True)
+    assert verdicts["a"].is_best and verdicts["b"].is_best
+    assert stats.against_best({}, True) == {}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("91.22 ± 0.15", (91.22, 0.15)), ("91.22+-0.15", (91.22, 0.15)), ("91.22 +- 0.15", (91.22, 0.15)),
+    ("91.22 +/- 0.15", (91.22, 0.15)), ("91.22", (91.22, None)), (91.82, (91.82, None)), (75, (75.0, None)),
+    ("-1.5 ± 2", (-1.5, 2.0)),
+])
+def test_published_numbers_parse_as_mean_and_std(text, expected):
+    assert stats.parse_mean_std(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "n/a", "91.22 ± ", "± 0.1", "91.2 ± 0.1 ± 0.2"])
+def test_anything_else_is_not_a_published_number(text):
+    with pytest.raises(ValueError, match="mean ± std"):
+        stats.parse_mean_std(text)
+
+
+def test_inside_the_interval_or_unknown_without_one():
+    assert stats.inside(91.71, 91.6, 91.8) is True
+    assert stats.inside(91.22, 89.85, 90.35) is False
+    assert stats.inside(91.0, math.nan, math.nan) is None
