@@ -9,7 +9,7 @@ from torch import Tensor
 
 from qatbench.method import ProxConfig, ProxMethod
 from qatbench.params import param
-
+from qatbench.quant import hard_quantize
 from qatbench.registry import METHODS
 from qatbench.schedules import linear_ramp, resolve_point
 
@@ -37,14 +37,18 @@ class BinaryRelax(ProxMethod):
         self.anneal_end = max(self.anneal_start + 1, resolve_point(config.anneal_end, total_steps, "anneal_end"))
         self.theta = 0.0
 
-    def prox(self, latent: Tensor, levels: Tensor, bounds: Tensor, t: int, out: Tensor) -> None:
+    def prox(self, latent: Tensor, levels: Tensor, t: int) -> Tensor:
+        theta = linear_ramp(t, self.anneal_start, self.anneal_end)
+        return latent.lerp(hard_quantize(latent, levels, evenly_spaced=self.quantizer.evenly_spaced), theta)
+
+    def prox_flat(self, latent: Tensor, t: int, out: Tensor) -> None:
         self.theta = linear_ramp(t, self.anneal_start, self.anneal_end)
         if self.theta == 0.0:
             out.copy_(latent)
         elif self.theta == 1.0:
-            self.hard_quantize(latent, levels, bounds, out=out)
+            self.hard_quantize(latent, out=out)
         else:
-            torch.lerp(latent, self.hard_quantize(latent, levels, bounds), self.theta, out=out)
+            torch.lerp(latent, self.hard_quantize(latent, out=out), self.theta, out=out)
 
     def diagnostics(self) -> dict[str, float]:
         return {"theta": self.theta}

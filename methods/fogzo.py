@@ -13,7 +13,6 @@ from torch import Tensor
 from qatbench.method import Closure, ProxConfig
 from qatbench.methods.ste import STE
 from qatbench.params import param
-from qatbench.quant import as_rows
 from qatbench.registry import METHODS
 
 EPS_BAR = 1.0 / (2.0 * math.sqrt(3.0))
@@ -113,7 +112,9 @@ class FOGZO(STE):
         super().__init__(config, optimizer, quantizer, total_steps, generator)
         self.qat_steps = max(1, total_steps - self.warmup_steps)
         self.current_beta = 1.0
-        self.radius: list[Tensor] = []
+        self.radius_rows: Tensor | None = None  # eps of every row
+        self.gradient = self.layout.empty()  # the gradients, flat: the guide, then the estimate
+        self.gradient_views = self.layout.views(self.gradient)
 
     def beta(self, t: int) -> float:
         """Guidance weight at QAT step t: 1 -> beta_min, linearly."""
@@ -121,18 +122,20 @@ class FOGZO(STE):
 
     def estimate_gradients(self, closure: Closure | None) -> None:
         assert closure is not None, "FOGZO needs the closure that evaluates the batch loss"
-        granularity = self.quantizer.granularity
         self.current_beta = self.beta(self.steps - self.warmup_steps)
-        gradients = [as_rows(p.grad, granularity) for p in self.params]
+        grads = [p.grad for p in self.params]
+        torch._foreach_copy_(self.gradient_views, grads)
 
         def quantized_loss(perturbed: list[Tensor]) -> Tensor:
-            for w, levels, bounds, out in zip(perturbed, self.levels, self.bounds, self.param_rows):
-                self.hard_quantize(w, levels, bounds, out=out)
+            self.hard_quantize(perturbed[0], out=self.output)
+            self._publish()
             return closure()
 
-        zeroth_order_gradient(quantized_loss, self.latent_rows, gradients if self.current_beta > 0 else None,
-                              self.radius, self.current_beta, self.config.samples, self.config.noise,
-                              self.generator, out=gradients)
+        guide = [self.gradient] if self.current_beta > 0 else None
+        zeroth_order_gradient(quantized_loss, [self.latent_flat], guide, [self.layout.per_element(self.radius_rows)],
+                              self.current_beta, self.config.samples, self.config.noise, self.generator,
+                              out=[self.gradient])
+        torch._foreach_copy_(grads, self.gradient_views)
 
     def refresh_levels(self) -> None:
         super().refresh_levels()
@@ -141,8 +144,13 @@ class FOGZO(STE):
     def refresh_radius(self) -> None:
         """The perturbation radius per row: alpha eps_bar quantizer steps, the step being
         (q_m - q_1) / (m - 1) (exact for uniform levels, the mean spacing for LSBQ)."""
-        self.radius = [(self.config.alpha * EPS_BAR / (q.shape[1] - 1)) * (q[:, -1:] - q[:, :1])
-                       .clamp(min=torch.finfo(q.dtype).tiny) for q in self.levels]
+        table = self.flat_levels.table
+        spread = (table[:, -1] - table[:, 0]).clamp_(min=torch.finfo(table.dtype).tiny)
+        self.radius_rows = spread.mul_(self.config.alpha * EPS_BAR / (table.shape[1] - 1))
+
+    def memory_tensors(self) -> list[Tensor]:
+        radius = [self.radius_rows] if self.radius_rows is not None else []
+        return [*super().memory_tensors(), self.gradient, *radius]
 
     def extra_forward_passes(self) -> int:
         return 2 * self.config.samples
@@ -156,5 +164,5 @@ class FOGZO(STE):
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
         self.current_beta = state["beta"]
-        if self.levels:
+        if self.flat_levels is not None:
             self.refresh_radius()

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from qatbench.method import Closure, Method
-from qatbench.quant import as_rows, estimate_levels
+from qatbench.quant import as_rows, estimate_levels, hard_quantize, level_indices
 from qatbench.registry import METHODS
 
 LEVEL_REFRESH_PERIOD = 10
@@ -34,15 +34,26 @@ class FullPrecision(Method):
         self.optimizer.step()
         self.steps += 1
 
-    @torch.no_grad()
-    def quantization_state(self) -> list[tuple[Tensor, Tensor]]:
-        """The weights and the levels they would get, re-estimated when asked, at most every 10 steps."""
-        if not self.rows:
-            return []
+    def _current_levels(self) -> list[Tensor]:
+        """The levels the weights would get, re-estimated when asked, at most every 10 steps."""
         if self.steps - self.levels_step >= LEVEL_REFRESH_PERIOD:
             self.levels = [estimate_levels(rows, self.quantizer) for rows in self.rows]
             self.levels_step = self.steps
-        return list(zip(self.rows, self.levels))
+        return self.levels
+
+    @torch.no_grad()
+    def level_indices(self) -> Tensor | None:
+        if not self.rows:
+            return None
+        pairs = zip(self.rows, self._current_levels())
+        return torch.cat([level_indices(rows, levels).to(torch.uint8).flatten() for rows, levels in pairs])
+
+    @torch.no_grad()
+    def distance_to_levels(self) -> Tensor | None:
+        if not self.rows:
+            return None
+        pairs = zip(self.rows, self._current_levels())
+        return sum((rows - hard_quantize(rows, levels)).abs().sum() for rows, levels in pairs)
 
     def state_dict(self):
         return {**super().state_dict(), "levels": self.levels, "levels_step": self.levels_step}

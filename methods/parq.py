@@ -27,19 +27,17 @@ class PARQConfig(ProxConfig):
     quant_shrink: bool = param(False, "AProx shrinkage: quantize w / gamma instead of w")
 
 
-def parq_prox(latent: Tensor, levels: Tensor, inv_slope: float, bounds: Tensor | None = None,
-              out: Tensor | None = None, evenly_spaced: bool = False) -> Tensor:
+def parq_prox(latent: Tensor, levels: Tensor, inv_slope: float, evenly_spaced: bool = False) -> Tensor:
     """Prox map of the piecewise-affine regularizer with inverse slope `rho`.
 
     For `w` in its interval `[q_lo, q_hi]` of Q (below q_1 both ends are q_1, above
     q_m both are q_m): `p = clamp(c + (w - c) / rho, q_lo, q_hi)`, `c = (q_lo + q_hi) / 2`.
-    `rho = 1` is the identity inside `[q_1, q_m]` (a clamp); `rho = 0` is hard quantization.
-    `bounds` (the midpoints of `levels`) serve the hard quantization when given.
+    `rho = 1` is the identity inside `[q_1, q_m]` (a clamp outside); `rho = 0` is hard quantization.
     """
     if inv_slope == 0.0:
-        return hard_quantize(latent, levels, bounds, out=out, evenly_spaced=evenly_spaced)
-    if inv_slope == 1.0:
-        return torch.clamp(latent, levels[:, :1], levels[:, -1:], out=out)
+        return hard_quantize(latent, levels, evenly_spaced=evenly_spaced)
+    if inv_slope == 1.0:  # exactly w inside the range (the affine form would round it)
+        return torch.clamp(latent, levels[:, :1], levels[:, -1:])
     rho = max(inv_slope, torch.finfo(latent.dtype).tiny)
     if evenly_spaced:  # the interval in closed form: j = clamp(floor(w / s - c_0), 0, m - 2), q = fl((c_0 + j) s)
         first, step = grid(levels)
@@ -50,6 +48,11 @@ def parq_prox(latent: Tensor, levels: Tensor, inv_slope: float, bounds: Tensor |
         upper_index = torch.searchsorted(levels.contiguous(), latent.contiguous())
         q_lo = levels.gather(1, (upper_index - 1).clamp_(min=0))
         q_hi = levels.gather(1, upper_index.clamp_(max=levels.shape[1] - 1))
+    return _relax_and_clamp(latent, q_lo, q_hi, rho)
+
+
+def _relax_and_clamp(latent: Tensor, q_lo: Tensor, q_hi: Tensor, rho: float, out: Tensor | None = None) -> Tensor:
+    """`clamp(c + (w - c) / rho, q_lo, q_hi)`, `c = (q_lo + q_hi) / 2`."""
     center = (q_lo + q_hi).mul_(0.5)
     relaxed = (latent - center).div_(rho).add_(center)
     return torch.clamp(relaxed, q_lo, q_hi, out=out)
@@ -61,12 +64,16 @@ class PARQ(ProxMethod):
 
     Latent update `w <- base_step(w, grad L(p))`, model weights `p = prox_rho(w)` (see
     `parq_prox`). Inverse slope at training step t, `f = (t - t1) / (t2 - t1)`:
-    `rho = 1` before `anneal_start` (t1), `rho = 0` (hard quantization) from `anneal_end`
-    (t2) on, and in between the normalized mirror sigmoid
-    `rho = (s(f) - s(1)) / (s(0) - s(1))`, `s(f) = 1 / (1 + exp(k (f - c)))`.
-    AProx (`slope_schedule="aprox"`) instead sets `rho = 1 / gamma`, with
-    `gamma = max(1, sum of the learning rates so far)`; `quant_shrink` applies the
-    prox to `w / gamma`.
+    before `anneal_start` (t1) no map at all, `p = w` (as the reference's `ProxPARQ`,
+    which leaves the weights untouched there: no clamp to `[q_1, q_m]`); `rho = 0` (hard
+    quantization) from `anneal_end` (t2) on; in between the normalized mirror sigmoid
+    `rho = (s(f) - s(1)) / (s(0) - s(1))`, `s(f) = 1 / (1 + exp(k (f - c)))`. The reference
+    fixes the centre at `c = 1/2`; qatbench generalises it by normalising with the same
+    end values `s(0)` and `s(1)`, so that `rho` still falls from 1 at t1 to 0 at t2 and the
+    centre `c` moves the steepest point to the fraction `c` of the annealing interval
+    (`c = 1/2` is the reference's curve exactly). AProx (`slope_schedule="aprox"`) instead
+    sets `rho = 1 / gamma`, with `gamma = max(1, sum of the learning rates so far)`;
+    `quant_shrink` applies the prox to `w / gamma`.
     """
 
     Config = PARQConfig
@@ -86,7 +93,7 @@ class PARQ(ProxMethod):
         self.cumulative_lr += next(g["lr"] for g in self.optimizer.param_groups if g.get("quant"))
 
     def inverse_slope(self, t: int) -> float:
-        """rho at training step t."""
+        """rho at training step t (1 before `anneal_start`, where no map is applied at all)."""
         if self.config.slope_schedule == "aprox":
             return 1.0 / self.gamma
         if t < self.anneal_start:
@@ -99,9 +106,40 @@ class PARQ(ProxMethod):
     def prox_input(self, latent: Tensor) -> Tensor:
         return latent / self.gamma if self.config.quant_shrink else latent
 
-    def prox(self, latent: Tensor, levels: Tensor, bounds: Tensor, t: int, out: Tensor) -> None:
-        self.inv_slope = self.inverse_slope(t)
-        parq_prox(latent, levels, self.inv_slope, bounds, out=out, evenly_spaced=self.quantizer.evenly_spaced)
+    def maps(self, t: int) -> bool:
+        """Whether the prox map applies at step t: not before `anneal_start` (the reference leaves p = w)."""
+        return self.config.slope_schedule == "aprox" or t >= self.anneal_start
+
+    def prox(self, latent: Tensor, levels: Tensor, t: int) -> Tensor:
+        if not self.maps(t):
+            return latent.clone()
+        return parq_prox(latent, levels, self.inverse_slope(t), self.quantizer.evenly_spaced)
+
+    def prox_flat(self, latent: Tensor, t: int, out: Tensor) -> None:
+        rho = self.inv_slope = self.inverse_slope(t)
+        if not self.maps(t):
+            out.copy_(latent)
+        elif rho == 0.0:
+            self.hard_quantize(latent, out=out)
+        elif rho == 1.0:
+            table, per_element = self.flat_levels.table, self.layout.per_element
+            torch.clamp(latent, per_element(table[:, 0]), per_element(table[:, -1]), out=out)
+        elif self.flat_levels.steps is not None:
+            self._uniform_prox(latent, max(rho, torch.finfo(latent.dtype).tiny), out)
+        else:
+            q_lo, q_hi = self.quant.interval(latent, self.flat_levels)
+            _relax_and_clamp(latent, q_lo, q_hi, max(rho, torch.finfo(latent.dtype).tiny), out=out)
+
+    def _uniform_prox(self, latent: Tensor, rho: float, out: Tensor) -> None:
+        """The prox on uniform levels in units of the step: with `u = w / s` in `[c_j, c_j + 1]`, the
+        position `v = u - c_j` maps to `clamp(1/2 + (v - 1/2) / rho, 0, 1)` and `p = fl((c_j + v') s)`,
+        bitwise a level wherever the clamp holds (12 whole-buffer operations)."""
+        first = self.quant.first
+        steps = self.flat_levels.element_steps
+        scaled = torch.div(latent, steps, out=out)
+        lower = (scaled - first).floor_().clamp_(0, self.quant.m - 2).add_(first)  # c_j
+        position = scaled.sub_(lower).mul_(1.0 / rho).add_(0.5 - 0.5 / rho).clamp_(0.0, 1.0)
+        position.add_(lower).mul_(steps)
 
     def diagnostics(self) -> dict[str, float]:
         return {"inv_slope": self.inv_slope, "gamma": self.gamma}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from qatbench.method import ProxMethod
-
+from qatbench.quant import hard_quantize
 from qatbench.registry import METHODS
 
 
@@ -18,5 +18,8 @@ class STE(ProxMethod):
     `w <- base_step(w, grad L(p))`.
     """
 
-    def prox(self, latent: Tensor, levels: Tensor, bounds: Tensor, t: int, out: Tensor) -> None:
-        self.hard_quantize(latent, levels, bounds, out=out)
+    def prox(self, latent: Tensor, levels: Tensor, t: int) -> Tensor:
+        return hard_quantize(latent, levels, evenly_spaced=self.quantizer.evenly_spaced)
+
+    def prox_flat(self, latent: Tensor, t: int, out: Tensor) -> None:
+        self.hard_quantize(latent, out=out)

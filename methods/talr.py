@@ -12,7 +12,7 @@ from torch import Tensor
 from qatbench.method import Closure, ProxConfig
 from qatbench.methods.ste import STE
 from qatbench.params import param
-from qatbench.quant import TERNARY, level_indices
+from qatbench.quant import TERNARY
 from qatbench.registry import METHODS
 
 
@@ -34,15 +34,23 @@ class TALR(STE):
     """TALR (Lee et al., "Transition Rate Scheduling for Quantization-Aware Training", ICCV 2025,
     arXiv 2404.19248), on hard-quantized weights `p = hardquant(w)` as in STE.
 
-    Per quantized tensor l, with `d_t` the integer level indices of `hardquant(w_t)` (levels
-    estimated once when QAT starts and then frozen, so a moving scale causes no transition):
-    transition rate `k_t = mean(d_t != d_{t-1})`, running rate `K_t = m K_{t-1} + (1-m) k_t`
-    (`K_0 = R_0`), target `R_t` (cosine from `R_0 = lambda sqrt(b)` to 0 over QAT, or constant), and step size
-    `U_t = max(0, U_{t-1} + eta (R_t - K_t))` (paper rule, `eta = U_0` by default) or
-    `s_t = m s_{t-1} + (1-m) s_{t-1} R_t / K_t`, `U_t = U_0 s_t`, `s_0 = 1` (public-code rule).
-    The latent update is `w <- w + U_{t-1} * delta`, `delta` the base optimizer's own update at
-    learning rate 1 (SGD: `-momentum_buffer`; AdamW: `-m/(sqrt(v)+eps) - wd w`), so `U` replaces
-    the learning rate of quantized tensors only; the other groups keep the LR schedule.
+    Per quantized tensor l, with `d_t` the integer level indices of `hardquant(w_t)` under levels
+    estimated once from the weights `w_0` at the start of QAT and then frozen (so a moving scale
+    causes no transition): transition rate `k_t = mean(d_t != d_{t-1})`, counted from the first
+    update on (`d_0` are the indices of `w_0`); running rate `K_t = m K_{t-1} + (1-m) k_t`
+    (`K_0 = R_0`); target `R_t`; step size `U_t = max(0, U_{t-1} + eta (R_t - K_t))` (paper rule,
+    `eta = U_0` by default) or `s_t = m s_{t-1} + (1-m) s_{t-1} R_t / K_t`, `U_t = U_0 s_t`, `s_0 = 1`
+    (public-code rule). Update t moves the latent weights by `w_t = w_{t-1} + U_{t-1} delta_t`, `delta_t`
+    the base optimizer's own update at learning rate 1 (SGD: `-momentum_buffer`; AdamW:
+    `-m/(sqrt(v)+eps) - wd w`), so `U` replaces the learning rate of quantized tensors only (the
+    other groups keep the LR schedule), and `U_0` (the quantized group's initial LR) is used once.
+
+    Which details follow what: the additive rule for `U`, `eta = U_0` and `R_0 = lambda sqrt(b)`
+    (lambda 4e-3..6e-3; ternary b = log2 3) follow the paper; the momentum-multiplicative rule
+    (`rule="momentum"`, with `K_0 = R_0`, `s_0 = 1`) follows the public code; a fixed initial rate
+    instead of `lambda sqrt(b)` is `target_rate`. The target follows a cosine over the steps of QAT
+    (updated every step; a per-epoch staircase of the same cosine differs by at most one epoch's
+    decrement), or stays constant. Weight-only: the paper also quantizes activations (LSQ).
     """
 
     Config = TALRConfig
@@ -53,16 +61,15 @@ class TALR(STE):
         group = next(g for g in optimizer.param_groups if g.get("quant"))
         self.initial_lr = config.initial_lr or group.get("initial_lr", group["lr"])
         self.eta = config.eta or self.initial_lr
-        device = self.params[0].device if self.params else torch.device("cpu")
-        count = len(self.params)
+        count, device = len(self.params), self.layout.device
         self.step_size = torch.full((count,), float(self.initial_lr), device=device)  # U_l
         bits = math.log2(3) if quantizer.bits == TERNARY else quantizer.bits
         self.initial_target = config.target_rate or config.rate_scale * math.sqrt(bits)  # R_0
         self.running_rate = torch.full((count,), self.initial_target, device=device)  # K_l
         self.scale = torch.ones(count, device=device)  # s_l (momentum rule)
-        self.previous_indices: list[Tensor] = []
-        self.sizes = torch.tensor([p.numel() for p in self.params], dtype=torch.float32, device=device)
-        self.target = self.initial_target
+        self.previous_indices: Tensor | None = None  # d_{t-1}, uint8, flat
+        self.sizes = self.layout.tensor_numels.to(self.layout.dtype)
+        self.target = self.initial_target  # R_t, the latest
 
     def target_rate(self, t: int) -> float:
         """R_t at QAT step t."""
@@ -70,22 +77,28 @@ class TALR(STE):
             return self.initial_target
         return self.initial_target * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t / self.qat_steps)))
 
+    def _start_qat(self) -> None:
+        """Estimate the levels from w_0 once and keep d_0, so that the first update's transitions count."""
+        super()._start_qat()
+        self.refresh_levels()
+        self.previous_indices = self.level_indices()
+
     def refresh_due(self, t: int) -> bool:
-        return t == 0  # scales frozen while TALR runs
+        return False  # scales frozen while TALR runs
 
     def base_step(self) -> None:
-        """Run the base optimizer at LR 1 on the quantized groups, then scale each tensor's update by U_l."""
+        """Run the base optimizer at LR 1 on the quantized groups, then scale each tensor's update by U_l:
+        `w <- w_old + U_l (w_lr1 - w_old)`, all tensors at once (the prox output buffer holds `w_old`
+        meanwhile; prox overwrites it right after)."""
         quant_groups = [g for g in self.optimizer.param_groups if g.get("quant")]
         scheduled = [g["lr"] for g in quant_groups]
+        old = self.output.copy_(self.latent_flat)
         for g in quant_groups:
             g["lr"] = 1.0
         self.optimizer.step()
         for g, lr in zip(quant_groups, scheduled):
             g["lr"] = lr
-        weights = [p.detach() for p in self.params]  # p = w + U_l (p_lr1 - w), all tensors at once
-        torch._foreach_sub_(weights, self.latent)
-        torch._foreach_mul_(weights, list(self.step_size.unbind()))
-        torch._foreach_add_(weights, self.latent)
+        self.latent_flat.sub_(old).mul_(self.layout.per_tensor_element(self.step_size)).add_(old)
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> None:
@@ -93,13 +106,9 @@ class TALR(STE):
         t = self.steps - 1 - self.warmup_steps
         if t < 0:
             return
-        # level indices fit in uint8 (m <= 256): the previous step's cost a quarter of the weights' memory
-        evenly_spaced = self.quantizer.evenly_spaced
-        indices = [level_indices(w, q, b, evenly_spaced).to(torch.uint8)
-                   for w, q, b in zip(self.latent_rows, self.levels, self.bounds)]
-        if self.previous_indices:
-            changed = torch.stack([(d != d_prev).sum() for d, d_prev in zip(indices, self.previous_indices)])
-            self.update(changed / self.sizes, self.target_rate(t))
+        indices = self.level_indices()
+        changed = self.layout.tensor_reduce((indices != self.previous_indices).to(self.sizes.dtype))
+        self.update(changed / self.sizes, self.target_rate(t))
         self.previous_indices = indices
 
     def update(self, rate: Tensor, target: float) -> None:
@@ -114,6 +123,9 @@ class TALR(STE):
             self.scale.mul_(m + (1 - m) * ratio)
             self.step_size.copy_(self.initial_lr * self.scale)
 
+    def memory_tensors(self) -> list[Tensor]:
+        return [*super().memory_tensors(), self.sizes]
+
     def diagnostics(self) -> dict[str, float]:
         return {"talr_step_size": self.step_size.mean().item(), "talr_running_rate": self.running_rate.mean().item(),
                 "talr_target_rate": self.target}
@@ -126,5 +138,6 @@ class TALR(STE):
         super().load_state_dict(state)
         self.step_size, self.running_rate, self.scale = self._on_device(
             [state["step_size"], state["running_rate"], state["scale"]])
-        self.previous_indices = self._on_device(state["previous_indices"])
+        previous = state["previous_indices"]
+        self.previous_indices = None if previous is None else previous.to(self.device, copy=True)
         self.target = state["target"]

@@ -260,7 +260,7 @@ def _cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
     rows = bench(specs, args.steps, args.warmup, args.rounds, args.data_root, not args.no_download)
     table = markdown(rows)
     print(table)
-    rows_out = [dataclasses.asdict(r) | {"met": r.met, "memory_met": r.memory_met} for r in rows]
+    rows_out = [dataclasses.asdict(r) | {"met": r.met} for r in rows]
     record = {"command": shlex.join(["qatbench", *argv]), "task": args.task,
               "environment": environment(resolve_device(args.device)), "rows": rows_out, "markdown": table,
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -7,7 +7,6 @@ from typing import Any
 import torch
 
 from .method import Method
-from .quant import hard_quantize, level_indices
 
 SAMPLE_PERIOD = 10
 
@@ -21,36 +20,33 @@ class TransitionMonitor:
     epoch's rate is the mean over these sampled step pairs, an unbiased estimate of the
     per-step rate at 2/`period` of the cost of counting every step. Distance to the
     levels: `mean |w - hardquant(w)|` over all quantized weights at the end of the epoch.
-    Both use the method's own latent weights and levels (`Method.quantization_state()`);
-    indices are compared, so a rescaling that keeps every weight's level is no transition,
-    while a level refresh that moves weights across a midpoint is. Nothing here waits on
-    the host until `epoch_summary()`.
+    Both use the method's own latent weights and levels (`Method.level_indices()`,
+    `Method.distance_to_levels()`); indices are compared, so a rescaling that keeps every
+    weight's level is no transition, while a level refresh that moves weights across a
+    midpoint is. Nothing here waits on the host until `epoch_summary()`.
     """
 
     def __init__(self, method: Method, period: int = SAMPLE_PERIOD) -> None:
         self.method = method
         self.period = period
         self.steps = 0
-        self.kept: list[torch.Tensor] = []
+        self.kept: torch.Tensor | None = None
         self.changes: torch.Tensor | None = None
         self.pairs = 0
-
-    def _indices(self) -> list[torch.Tensor]:
-        return [level_indices(rows, levels).to(torch.uint8) for rows, levels in self.method.quantization_state()]
 
     @torch.no_grad()
     def after_step(self) -> None:
         phase = self.steps % self.period
         self.steps += 1
         if phase == 0:
-            self.kept = self._indices()
-        elif phase == 1 and self.kept:
-            indices = self._indices()
-            if len(indices) == len(self.kept):
-                changed = sum((d != d_prev).sum() for d, d_prev in zip(indices, self.kept))
+            self.kept = self.method.level_indices()
+        elif phase == 1 and self.kept is not None:
+            indices = self.method.level_indices()
+            if indices is not None and indices.shape == self.kept.shape:
+                changed = (indices != self.kept).sum()
                 self.changes = changed if self.changes is None else self.changes + changed
                 self.pairs += 1
-            self.kept = []
+            self.kept = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "kept": self.kept, "changes": self.changes, "pairs": self.pairs}
@@ -58,18 +54,17 @@ class TransitionMonitor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.method.device
         self.steps, self.pairs = state["steps"], state["pairs"]
-        self.kept = [d.to(device) for d in state["kept"]]
+        self.kept = None if state["kept"] is None else state["kept"].to(device)
         self.changes = None if state["changes"] is None else state["changes"].to(device)
 
     @torch.no_grad()
     def epoch_summary(self) -> dict[str, float]:
         """{"transition_rate", "transition_pairs", "distance_to_levels"} for the epoch; resets the count."""
-        state = self.method.quantization_state()
-        if not state:
+        distance, indices = self.method.distance_to_levels(), self.method.level_indices()
+        if distance is None or indices is None:
             return {}
-        total = sum(rows.numel() for rows, _ in state)
+        total = indices.numel()
         rate = self.changes.item() / (self.pairs * total) if self.changes is not None and self.pairs else float("nan")
-        distance = sum((rows - hard_quantize(rows, levels)).abs().sum() for rows, levels in state).item() / total
-        summary = {"transition_rate": rate, "transition_pairs": self.pairs, "distance_to_levels": distance}
+        summary = {"transition_rate": rate, "transition_pairs": self.pairs, "distance_to_levels": distance.item() / total}
         self.changes, self.pairs = None, 0
         return summary

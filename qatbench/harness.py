@@ -168,8 +168,7 @@ def train_step(training: Training, inputs: torch.Tensor, targets: torch.Tensor,
     loss = training.compute_loss(inputs, targets)
     loss.backward()
     if grad_clip > 0:
-        params = [p for group in method.optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
     closure = None
     if probing:
         rng_after = _rng_snapshot(inputs.device)

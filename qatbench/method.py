@@ -18,8 +18,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .flat import FlatLayout, FlatLevels, FlatQuantizer, alias, make_levels
 from .params import NoConfig, param
-from .quant import QuantizerConfig, as_rows, estimate_levels, hard_quantize, midpoints
+from .quant import QuantizerConfig
 from .schedules import resolve_point
 
 Closure = Callable[[], Tensor]
@@ -73,13 +74,23 @@ class Method(ABC):
         """Scalars worth logging once per epoch (schedule values and the like)."""
         return {}
 
-    def quantization_state(self) -> list[tuple[Tensor, Tensor]]:
-        """(latent weight rows, levels) of every quantized tensor, for the transition diagnostics."""
-        return []
+    def level_indices(self) -> Tensor | None:
+        """The level index (uint8) of every quantized latent weight, flat, for the transition diagnostics;
+        None while there are no levels."""
+        return None
+
+    def distance_to_levels(self) -> Tensor | None:
+        """`sum |w - Q(w)|` over every quantized latent weight (a device scalar), or None."""
+        return None
 
     def level_tables(self) -> list[Tensor]:
         """After `finalize()`: the level table `(rows, m)` of each tensor of `quantized_params()` (in that
         order), whose entries the tensor's weights now are; what the export stores."""
+        return []
+
+    def memory_tensors(self) -> list[Tensor]:
+        """Every tensor the method keeps besides its `state_dict()` (index tensors, derived tables, buffers),
+        so that the training state's bytes count them too."""
         return []
 
     def state_dict(self) -> dict[str, Any]:
@@ -108,16 +119,23 @@ class ProxConfig:
 class ProxMethod(Method):
     """`QuantOptimizer(base_optimizer, quantizer, prox_map)` of the PARQ paper (Jin et al., ICML 2025).
 
-    Each step, for every quantized tensor with latent weights `w` and model weights `p`:
+    Each step, for the quantized weights with latent values `w` and model values `p`:
     (1) restore `p <- w`; (2) base optimizer step on `w`, with the gradient that was
     taken at the quantized/relaxed weights; (3) save `w <- p`; (4) every
     `quant_period` steps re-estimate Q from `w`; (5) set `p <- prox(w, Q, t)`.
     STE, BinaryRelax and PARQ differ only in `prox`.
 
-    Cost: the copies of (1) and (3) are one `torch._foreach_copy_` each over all
-    tensors; the level tables and their midpoints are computed at refresh only; `prox`
-    writes straight into the model's weights. Memory: one latent copy of the quantized
-    weights plus the level tables.
+    A method states its rule per tensor in `prox(latent, levels, t) -> Tensor`: one tensor's
+    latent rows, their level table, the step; the simple hook a contributor writes. The
+    built-in methods also override `prox_flat`, the same rule over every quantized weight at
+    once: the weights live in flat buffers (`qatbench.flat`: the model's parameters are views
+    into one, the latent weights are a second, the tables are per row), so a step is a fixed
+    number of whole-buffer operations, whatever the number of tensors. Once QAT starts, the
+    base optimizer's quantized parameters are views of the latent buffer and receive the
+    gradient taken at `p` before each step, so (1) and (3) are no copies at all: the base
+    optimizer updates `w` where it lies (the same arithmetic, bit for bit). Memory: one
+    latent copy of the quantized weights, the level tables, and a 4-byte row index per
+    quantized weight.
     """
 
     Config: ClassVar[type] = ProxConfig
@@ -126,22 +144,46 @@ class ProxMethod(Method):
         super().__init__(config, optimizer, quantizer, total_steps, generator)
         assert quantizer is not None, "a quantizing method needs a quantizer"
         self.warmup_steps = resolve_point(config.warmup, total_steps, "warmup")
-        self.params = self.quantized_params()
-        self.weights = [p.detach() for p in self.params]  # the model's weights, as plain tensors
-        self.param_rows = [self._rows(p) for p in self.params]  # their row views
-        self.latent: list[Tensor] = []
-        self.latent_rows: list[Tensor] = []
-        self.levels: list[Tensor] = []
-        self.bounds: list[Tensor] = []  # midpoints of the levels, cached between refreshes
+        self.params = Method.quantized_params(self)  # the model's, before the optimizer holds latent copies
+        self.layout = FlatLayout([p.detach() for p in self.params], quantizer.granularity)
+        self.quant = FlatQuantizer(quantizer, self.layout)
+        self.weights = alias(self.params, self.layout)  # the model's quantized weights, flat (None: copied)
+        self.param_views = [p.detach() for p in self.params]
+        self.output = self.weights  # where prox writes the model's weights (a staging buffer when copied)
+        self.output_views: list[Tensor] = []
+        self.latent_flat: Tensor | None = None  # the latent weights, flat, once QAT has started
+        self.latent_views: list[Tensor] = []
+        self.latent_params: list[torch.nn.Parameter] = []  # what the base optimizer updates during QAT
+        self.flat_levels: FlatLevels | None = None
+
+    def quantized_params(self) -> list[Tensor]:
+        """The model's quantized parameters (during QAT the optimizer holds their latent copies instead)."""
+        return self.params
+
+    @property
+    def latent(self) -> list[Tensor]:
+        """The latent weights of each quantized tensor (views, in its shape); empty before QAT starts."""
+        return self.latent_views if self.latent_flat is not None else []
+
+    @property
+    def levels(self) -> list[Tensor]:
+        """The level table `(rows, m)` of each quantized tensor (views); empty before the first estimate."""
+        return self.layout.table_views(self.flat_levels.table) if self.flat_levels is not None else []
 
     # -- the proximal map ------------------------------------------------------------
     @abstractmethod
-    def prox(self, latent: Tensor, levels: Tensor, bounds: Tensor, t: int, out: Tensor) -> None:
-        """Write the model weights for latent rows `latent` into `out`, at training step `t`.
+    def prox(self, latent: Tensor, levels: Tensor, t: int) -> Tensor:
+        """The model weights for one tensor's latent rows `latent` `(rows, cols)` and their level table
+        `levels` `(rows, m)`, at training step `t`. `t` counts from the start of training, warm-up
+        included, as the PARQ reference's `step_count`, so schedule points mean the same with or without
+        a warm-up."""
 
-        `levels` are the rows' level table, `bounds` its midpoints. `t` counts from the
-        start of training, warm-up included, as the PARQ reference's `step_count`, so
-        schedule points mean the same with or without a warm-up."""
+    def prox_flat(self, latent: Tensor, t: int, out: Tensor) -> None:
+        """`prox` of every quantized weight, written into the flat buffer `out` (`latent` is flat too). This
+        default calls `prox` tensor by tensor; the built-in methods override it with whole-buffer operations."""
+        tables = self.layout.table_views(self.flat_levels.table)
+        for rows, table, out_rows in zip(self.layout.row_views(latent), tables, self.layout.row_views(out)):
+            out_rows.copy_(self.prox(rows, table, t))
 
     def prox_input(self, latent: Tensor) -> Tensor:
         """What the levels are estimated from and `prox` acts on (PARQ may shrink it)."""
@@ -163,18 +205,46 @@ class ProxMethod(Method):
         return t % self.config.quant_period == 0
 
     # -- the step ----------------------------------------------------------------------
-    def _rows(self, p: Tensor) -> Tensor:
-        return as_rows(p.detach(), self.quantizer.granularity)
-
     def _start_qat(self) -> None:
-        """Keep the latent weights: a copy of the model's weights when QAT starts."""
-        self.latent = [p.detach().clone() for p in self.params]
-        self.latent_rows = [self._rows(w) for w in self.latent]
+        """Keep the latent weights (a copy of the model's when QAT starts) and let the base optimizer update
+        them from now on: its quantized parameters become views of the latent buffer, with their state."""
+        self.latent_flat = self.layout.empty()
+        self.latent_views = self.layout.views(self.latent_flat)
+        torch._foreach_copy_(self.latent_views, self.param_views)
+        if self.weights is None:
+            self.output = self.layout.empty()
+            self.output_views = self.layout.views(self.output)
+        self.latent_params = [torch.nn.Parameter(view) for view in self.latent_views]
+        replace = dict(zip(map(id, self.params), self.latent_params))
+        for group in self.optimizer.param_groups:
+            if group.get("quant"):
+                group["params"] = [replace.get(id(p), p) for p in group["params"]]
+        for p, latent in zip(self.params, self.latent_params):
+            if p in self.optimizer.state:
+                self.optimizer.state[latent] = self.optimizer.state.pop(p)
+
+    def _update_latent(self) -> None:
+        """The base optimizer's step on the latent weights, with the gradients taken at the model's weights."""
+        for latent, p in zip(self.latent_params, self.params):
+            latent.grad = p.grad
+        self.base_step()
+        for latent in self.latent_params:
+            latent.grad = None
+
+    def zero_grad(self) -> None:
+        super().zero_grad()
+        for p in self.params:  # during QAT the optimizer holds the latent copies, not the model's weights
+            p.grad = None
+
+    def _publish(self) -> None:
+        """Where the model's parameters are not views of `target`, copy it into them."""
+        if self.weights is None:
+            torch._foreach_copy_(self.param_views, self.output_views)
+
 
     def refresh_levels(self) -> None:
-        """Re-estimate every tensor's level table (and its midpoints) from the latent weights."""
-        self.levels = [estimate_levels(self.prox_input(w), self.quantizer) for w in self.latent_rows]
-        self.bounds = [midpoints(q) for q in self.levels]
+        """Re-estimate the level table of every row from the latent weights."""
+        self.flat_levels = self.quant.levels(self.prox_input(self.latent_flat))
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> None:
@@ -182,45 +252,65 @@ class ProxMethod(Method):
         if t < 0:
             self.optimizer.step()
         else:
-            if not self.latent:  # first QAT step: the model still holds the latent weights
+            if self.latent_flat is None:  # first QAT step: the model still holds the latent weights
                 self._start_qat()
             else:
                 self.estimate_gradients(closure)
-            torch._foreach_copy_(self.weights, self.latent)
-            self.base_step()
+            self._update_latent()
             self.on_base_step()
-            torch._foreach_copy_(self.latent, self.weights)
             if self.refresh_due(t):
                 self.refresh_levels()
-            for w, levels, bounds, out in zip(self.latent_rows, self.levels, self.bounds, self.param_rows):
-                self.prox(self.prox_input(w), levels, bounds, self.steps, out)
+            self.prox_flat(self.prox_input(self.latent_flat), self.steps, self.output)
+            self._publish()
         self.steps += 1
 
     @torch.no_grad()
     def finalize(self) -> None:
         """Hard-quantize: `p <- Q[nearest(w)]` with the levels the model trained with."""
-        if not self.latent:  # QAT never started (training shorter than the warm-up)
+        if self.latent_flat is None:  # QAT never started (training shorter than the warm-up)
             self._start_qat()
             self.refresh_levels()
-        for w, levels, bounds, out in zip(self.latent_rows, self.levels, self.bounds, self.param_rows):
-            self.hard_quantize(self.prox_input(w), levels, bounds, out=out)
+        self.hard_quantize(self.prox_input(self.latent_flat), out=self.output)
+        self._publish()
 
-    def hard_quantize(self, rows: Tensor, levels: Tensor, bounds: Tensor, out: Tensor | None = None) -> Tensor:
-        """`Q[nearest(w)]` by the fastest exact route for this quantizer's levels."""
-        return hard_quantize(rows, levels, bounds, out=out, evenly_spaced=self.quantizer.evenly_spaced)
+    def hard_quantize(self, values: Tensor, out: Tensor | None = None) -> Tensor:
+        """`Q[nearest(w)]` of a flat buffer, with the current levels (bitwise entries of the tables)."""
+        return self.quant.hard_quantize(values, self.flat_levels, out=out)
 
-    def quantization_state(self) -> list[tuple[Tensor, Tensor]]:
-        return [(self.prox_input(w), q) for w, q in zip(self.latent_rows, self.levels)]
+    @torch.no_grad()
+    def level_indices(self) -> Tensor | None:
+        if self.latent_flat is None or self.flat_levels is None:
+            return None
+        return self.quant.indices(self.prox_input(self.latent_flat), self.flat_levels).to(torch.uint8)
+
+    @torch.no_grad()
+    def distance_to_levels(self) -> Tensor | None:
+        if self.latent_flat is None or self.flat_levels is None:
+            return None
+        values = self.prox_input(self.latent_flat)
+        return (values - self.hard_quantize(values)).abs_().sum()
 
     def level_tables(self) -> list[Tensor]:
         return self.levels
 
+    def memory_tensors(self) -> list[Tensor]:
+        levels, quant = self.flat_levels, self.quant
+        derived = [t for t in (levels.element_steps, levels.bounds, levels.padded) if t is not None] if levels else []
+        staging = [self.output] if self.weights is None and self.output is not None else []
+        constants = [t for t in (quant.row_of, quant.signs) if t is not None]
+        return [self.layout.row_lengths, self.layout.tensor_numels, quant.coefficients, quant.row_counts, *constants,
+                *derived, *staging]
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "latent": self.latent, "levels": self.levels, "bounds": self.bounds}
+        levels = self.flat_levels
+        return {**super().state_dict(), "latent": self.latent_flat, "levels": None if levels is None else levels.table,
+                "level_steps": None if levels is None else levels.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["latent"] is not None:  # QAT had started: the optimizer's state belongs to the latent weights
+            if self.latent_flat is None:
+                self._start_qat()
+            self.latent_flat.copy_(state["latent"])
+            steps = None if state["level_steps"] is None else state["level_steps"].to(self.device)
+            self.flat_levels = make_levels(state["levels"].to(self.device), steps, self.layout)
         super().load_state_dict(state)
-        self.latent = self._on_device(state["latent"])
-        self.latent_rows = [self._rows(w) for w in self.latent]
-        self.levels = self._on_device(state["levels"])
-        self.bounds = [midpoints(q) for q in self.levels]

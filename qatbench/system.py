@@ -112,13 +112,13 @@ def _tensor_bytes(obj: Any, seen: set[int]) -> int:
 def training_state_bytes(model: torch.nn.Module, method: Any) -> dict[str, int]:
     """Bytes of the training state, measured from the tensors, each storage counted once: parameters and
     buffers, gradients (one per trainable parameter, allocated by every backward), the base optimizer's
-    state, and the method's own state (latent weights, level tables, ...)."""
+    state, and the method's own state (latent weights, level tables, index tensors, buffers)."""
     seen: set[int] = set()
     parameters = sum(_tensor_bytes(t, seen) for t in itertools.chain(model.parameters(), model.buffers()))
     gradients = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     optimizer = _tensor_bytes(method.optimizer.state_dict()["state"], seen)
     state = {k: v for k, v in method.state_dict().items() if k != "optimizer"}
-    own = _tensor_bytes(state, seen)
+    own = _tensor_bytes([state, method.memory_tensors()], seen)
     return {"parameters": parameters, "gradients": gradients, "optimizer": optimizer, "method": own,
             "total": parameters + gradients + optimizer + own}
 

@@ -2,18 +2,22 @@ import pytest
 import torch
 
 from qatbench.diagnostics import TransitionMonitor
+from qatbench.quant import hard_quantize, level_indices
 
 LEVELS = torch.tensor([[-1.0, 1.0]])
 
 
 class _Stub:
-    """A method whose latent weights the test sets directly."""
+    """A method whose latent weights the test sets directly, measured against the levels +-1."""
 
     def __init__(self):
         self.rows = torch.tensor([[-0.5, -0.2, 0.3, 0.9]])
 
-    def quantization_state(self):
-        return [(self.rows, LEVELS)]
+    def level_indices(self):
+        return level_indices(self.rows, LEVELS).to(torch.uint8).flatten()
+
+    def distance_to_levels(self):
+        return (self.rows - hard_quantize(self.rows, LEVELS)).abs().sum()
 
 
 def test_rate_is_the_mean_fraction_of_weights_changing_level_over_sampled_step_pairs():
@@ -34,10 +38,13 @@ def test_rate_is_the_mean_fraction_of_weights_changing_level_over_sampled_step_p
     assert monitor.epoch_summary()["transition_rate"] == 0.0  # the count restarts each epoch
 
 
-def test_no_quantization_state_means_no_diagnostics():
+def test_no_levels_means_no_diagnostics():
     class Empty:
-        def quantization_state(self):
-            return []
+        def level_indices(self):
+            return None
+
+        def distance_to_levels(self):
+            return None
 
     monitor = TransitionMonitor(Empty())
     monitor.after_step()

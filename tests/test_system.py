@@ -18,6 +18,9 @@ class _Holder:
         return {"optimizer": self.optimizer.state_dict(), "again": [self.model.weight.detach()],
                 "extra": torch.zeros(5)}
 
+    def memory_tensors(self):
+        return [torch.zeros(3, dtype=torch.int32)]
+
 
 def test_training_state_counts_each_storage_once_by_category():
     model = torch.nn.Linear(3, 2)
@@ -25,8 +28,8 @@ def test_training_state_counts_each_storage_once_by_category():
     model(torch.ones(1, 3)).sum().backward()
     holder.optimizer.step()  # creates the momentum buffers: 6 + 2 floats
     state = training_state_bytes(model, holder)
-    assert state == {"parameters": 8 * 4, "gradients": 8 * 4, "optimizer": 8 * 4, "method": 5 * 4,
-                     "total": (8 + 8 + 8 + 5) * 4}
+    assert state == {"parameters": 8 * 4, "gradients": 8 * 4, "optimizer": 8 * 4, "method": (5 + 3) * 4,
+                     "total": (8 + 8 + 8 + 5 + 3) * 4}
 
 
 def test_cpu_peak_is_reported_as_its_increase_over_the_start():

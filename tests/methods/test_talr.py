@@ -58,13 +58,16 @@ def test_update_uses_adams_direction_with_adamw():
     torch.testing.assert_close(method.latent[0], torch.tensor([[-1.5, 0.1, 0.4, 1.0]]), atol=1e-6, rtol=0)
 
 
-def test_transition_rate_counts_changed_level_indices():
+def test_transitions_are_counted_from_the_first_update():
     method, p, _ = _talr(lr=0.1, target_rate=0.5, momentum=0.5, target_schedule="constant")
-    set_grad(p, [[0.0, 0.0, 0.0, 0.0]])
-    method.step()  # QAT step 0: levels +-0.7 estimated and frozen, indices [0, 0, 1, 1]
     set_grad(p, [[0.0, -5.0, 0.0, 0.0]])
-    method.step()  # -0.4 -> 0.1 crosses the midpoint 0: one transition in four weights
-    assert method.running_rate.item() == pytest.approx(0.5 * 0.5 + 0.5 * 0.25)
+    method.step()  # levels +-0.7 from w_0, d_0 = [0, 0, 1, 1]; -0.4 -> 0.1 crosses 0: one transition in four
+    assert method.running_rate.item() == pytest.approx(0.5 * 0.5 + 0.5 * 0.25)  # K_1 = 0.375
+    # U_1 = U_0 + eta (R - K_1) = 0.1 + 0.1 (0.5 - 0.375): the initial step size was used once
+    assert method.step_size.item() == pytest.approx(0.1125)
+    set_grad(p, [[0.0, 0.0, 0.0, 0.0]])
+    method.step()  # no transition: K_2 = 0.5 K_1
+    assert method.running_rate.item() == pytest.approx(0.1875)
 
 
 def test_scales_are_frozen_after_the_first_qat_step():
