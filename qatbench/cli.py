@@ -17,12 +17,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import deploy, executors, leaderboard, status
+from . import compare, deploy, executors, leaderboard, status
 from .bench import bench, markdown
 from .errors import QatbenchError, check_choice
 from .distributed import init_distributed, shutdown, world_from_environment
 from .harness import RunOptions, run_all
 from .params import describe, parse_assignments
+from .progress import LOG_KINDS
 from .quant import parse_bits
 from .registry import METHODS, TASKS, load_plugin_file
 from .results import load_records, record_path
@@ -57,6 +58,10 @@ def _build_parser() -> argparse.ArgumentParser:
                                 "regardless; 0: after every step)")
     execution.add_argument("--keep-checkpoints", action="store_true",
                            help="keep each run's last checkpoint after its record is written")
+    execution.add_argument("--log", nargs="+", default=[], metavar="KIND",
+                           help="per-step logs beside each record: csv (<record>.steps.csv), tensorboard (<record>.tb/)")
+    execution.add_argument("--progress-seconds", type=float, default=30.0, metavar="S",
+                           help="without a terminal, a progress line every S seconds (default: 30; 0: none)")
     execution.add_argument("--stale-lock-hours", type=float, default=24.0, metavar="H",
                            help="report run locks of other hosts untouched for H hours (default: 24)")
     _add_speed_options(execution)
@@ -144,7 +149,14 @@ def _build_parser() -> argparse.ArgumentParser:
     board = sub.add_parser("leaderboard", parents=[plugins], help="build markdown tables from run records")
     board.add_argument("records", nargs="+", type=Path, help="record files or folders (searched recursively)")
     board.add_argument("-o", "--out", type=Path, default=None,
-                       help="write <task>.md files and README.md here (default: print to stdout)")
+                       help="write <task>.md files (and figures, README.md) here (default: print to stdout)")
+    board.add_argument("--format", default="md", help="md | csv | json | latex (default: md)")
+
+    comparison = sub.add_parser("compare", parents=[plugins],
+                                help="per cell, what changed between two sets of records and whether it is significant")
+    comparison.add_argument("old", type=Path, help="records before (a file or folder)")
+    comparison.add_argument("new", type=Path, help="records after (a file or folder)")
+    comparison.add_argument("--format", default="md", help="md | csv | json (default: md)")
     return parser
 
 
@@ -215,7 +227,9 @@ def _cmd_run(specs: list[RunSpec], args: argparse.Namespace, argv: list[str]) ->
     if args.shard:
         specs = shard(specs, args.shard)
     runs = [resolve(spec) for spec in specs]  # validate everything before training anything
-    for name in ("checkpoint_minutes", "stale_lock_hours"):
+    for kind in args.log:
+        check_choice("log kind", kind, LOG_KINDS)
+    for name in ("checkpoint_minutes", "stale_lock_hours", "progress_seconds"):
         value = getattr(args, name)
         if not (value >= 0 and value != float("inf")):
             raise QatbenchError(f"--{name.replace('_', '-')} {value} must be a number >= 0")
@@ -236,7 +250,8 @@ def _cmd_run(specs: list[RunSpec], args: argparse.Namespace, argv: list[str]) ->
     options = RunOptions(force=args.force, checkpoint_minutes=args.checkpoint_minutes,
                          keep_checkpoints=args.keep_checkpoints, stale_lock_s=3600 * args.stale_lock_hours,
                          log=(lambda line: print(line, flush=True)) if world.main else (lambda line: None),
-                         command=shlex.join(["qatbench", *argv]), world=world)
+                         command=shlex.join(["qatbench", *argv]), world=world, logs=tuple(args.log),
+                         progress_s=args.progress_seconds)
     records = run_all(runs, args.out, args.data_root, not args.no_download, options=options)
     failed = [r for r in records if r.status != "ok"]
     skipped = len(runs) - len(records)
@@ -276,7 +291,8 @@ def _execute_elsewhere(specs: list[RunSpec], args: argparse.Namespace, argv: lis
     settings = executors.Settings(out=args.out, data_root=args.data_root, download=not args.no_download,
                                   force=args.force, checkpoint_minutes=args.checkpoint_minutes,
                                   keep_checkpoints=args.keep_checkpoints, stale_lock_s=3600 * args.stale_lock_hours,
-                                  command=shlex.join(["qatbench", *argv]))
+                                  command=shlex.join(["qatbench", *argv]), logs=tuple(args.log),
+                                  progress_s=args.progress_seconds)
     if args.executor == "local":
         lines = executors.run_local(specs, settings, args.workers, args.gpus_per_run)
         failed = [line for line in lines if "] ok:" not in line]
@@ -356,19 +372,36 @@ def _print_entry(name: str, cls: type) -> None:
         print(f"      {field}: {type_name} = {default!r}  {help_text}")
 
 
-def _cmd_leaderboard(args: argparse.Namespace, argv: list[str]) -> int:
+def _load_with_warnings(paths: list[Path]) -> list[Any]:
+    """Records from files and folders; each skipped file is one warning line on stderr."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        records = load_records(args.records)
+        records = load_records(paths)
     for w in caught:
         print(f"qatbench: warning: {w.message}", file=sys.stderr)
+    return records
+
+
+def _cmd_leaderboard(args: argparse.Namespace, argv: list[str]) -> int:
+    records = _load_with_warnings(args.records)
     regenerate = shlex.join(["qatbench", *argv])
     if args.out is None:
-        for text in leaderboard.build(records, regenerate).values():
+        for text in leaderboard.render(records, args.format, regenerate).values():
             print(text)
         return 0
-    for path in leaderboard.write(records, args.out, regenerate):
+    for path in leaderboard.write(records, args.out, regenerate, fmt=args.format):
         print(f"wrote {path}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    check_choice("format", args.format, ("md", "csv", "json"))
+    old, new = _load_with_warnings([args.old]), _load_with_warnings([args.new])
+    if args.format == "md":
+        print(compare.compare(old, new))
+        return 0
+    frame = compare.compare_frame(old, new)
+    print(frame.to_csv(index=False) if args.format == "csv" else frame.to_json(orient="records", indent=1))
     return 0
 
 
@@ -392,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_export(args)
         if args.command == "bench":
             return _cmd_bench(args, argv)
+        if args.command == "compare":
+            return _cmd_compare(args)
         return _cmd_leaderboard(args, argv)
     except QatbenchError as err:
         print(f"qatbench: error: {err}", file=sys.stderr)

@@ -50,6 +50,8 @@ class Settings:
     keep_checkpoints: bool = False
     stale_lock_s: float = 24 * 3600.0
     command: str | None = None
+    logs: tuple[str, ...] = ()
+    progress_s: float = 30.0
 
 
 @contextlib.contextmanager
@@ -91,7 +93,7 @@ def run_one(spec: Any, settings: Settings, stop_signals: tuple[int, ...] = STOP_
     options = RunOptions(force=settings.force, checkpoint_minutes=settings.checkpoint_minutes,
                          keep_checkpoints=settings.keep_checkpoints, stale_lock_s=settings.stale_lock_s,
                          log=lambda line: print(line, flush=True), command=settings.command, world=world,
-                         stop_signals=stop_signals)
+                         stop_signals=stop_signals, logs=settings.logs, progress_s=settings.progress_s)
     with output_to(files.record.with_suffix(".log")):
         records = run_all([run], settings.out, options=options)
     if not records:

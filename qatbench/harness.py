@@ -35,6 +35,7 @@ from .locks import STALE_AFTER_S, RunLock, read_lock, touch, try_lock
 from .method import Method
 from .quant import check_exact
 from .results import FINISHED, RunRecord, read_record, record_path, write_record
+from .progress import Progress, StepLog
 from .signals import STOP_SIGNALS, StopRequest, Stopped, stop_signals
 from .spec import ResolvedRun, bind_data
 from .system import PeakMemory, environment, training_state_bytes
@@ -75,6 +76,8 @@ class RunOptions:
     log: Log = print
     command: str | None = None
     world: World = World()  # the processes that train each run together (torchrun)
+    logs: tuple[str, ...] = ()  # per-step logs beside the record: csv, tensorboard
+    progress_s: float = 30.0  # without a terminal, a progress line every this many seconds (0: none)
     stop_signals: tuple[int, ...] = STOP_SIGNALS  # signals that stop a run at its next step, checkpointed
 
 
@@ -313,8 +316,8 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
     if steps_per_epoch == 0:
         raise QatbenchError(f"batch size {recipe.batch_size} exceeds the {data.num_train} training examples")
     training = build_training(run, steps_per_epoch, generators["method"], world)
-    sync_every = SYNC_STEPS if world.distributed else 1
     model, method, scheduler = training.model, training.method, training.scheduler
+    sync_every = SYNC_STEPS if world.distributed else 1
     monitor = TransitionMonitor(method)
     position = Position()
     loss_sum = torch.zeros((), device=device)
@@ -343,6 +346,8 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
                         saved["timing"] if saved is not None else None)
     start = time.perf_counter()
     last_checkpoint = time.monotonic()
+    progress = Progress(run.label, training.total_steps, options.progress_s if world.main else 0, log)
+    step_log = StepLog(options.logs, files.record) if options.logs and files is not None and world.main else None
 
     def write_checkpoint() -> None:
         if files is None:
@@ -350,60 +355,71 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
         ranks = gather(rank_state(generators, loss_sum))  # every rank takes part; rank 0 writes
         if not world.main:
             return
-        progress = {"history": record.history, "best_epoch_metric": record.best_epoch_metric,
-                    "epochs_completed": record.epochs_completed, "resumed": record.resumed}
-        payload = checkpoint_payload(run, training, monitor, data.train, ranks, position, clock.totals, progress)
+        so_far = {"history": record.history, "best_epoch_metric": record.best_epoch_metric,
+                  "epochs_completed": record.epochs_completed, "resumed": record.resumed}
+        payload = checkpoint_payload(run, training, monitor, data.train, ranks, position, clock.totals, so_far)
         seconds, size = checkpoint.save(files.checkpoint, payload)
         clock.add("checkpoint_s", seconds)
         clock.totals["checkpoints"] += 1
         clock.totals["checkpoint_bytes"] = size
         touch(files.lock)  # a sign of life for anyone looking at the run's lock
 
-    for epoch in range(position.epoch, recipe.epochs):
-        remaining = steps_per_epoch - position.step_in_epoch
-        if remaining > 0:
-            if hasattr(data.train, "set_epoch"):
-                data.train.set_epoch(epoch)
-            model.train()
-            clock.begin()
-            for inputs, targets in itertools.islice(data.train, remaining):
-                loss = train_step(training, inputs, targets, recipe.grad_clip)
-                monitor.after_step()
-                scheduler.step()
-                loss_sum += loss.detach()
-                position.step_in_epoch += 1
-                position.step += 1
-                clock.step_done()
-                if position.step % sync_every:
-                    continue
-                signum, due = _agree(stop.signum, time.monotonic() - last_checkpoint >= 60 * options.checkpoint_minutes)
-                if signum or (due and position.step_in_epoch < steps_per_epoch):
-                    write_checkpoint()
-                    last_checkpoint = time.monotonic()
-                    if signum:
-                        raise Stopped(signum, position.step)
-            clock.end()
-        mean_loss = reduce_tensor_(loss_sum.clone(), "avg").item() / steps_per_epoch
-        eval_start = time.perf_counter()
-        metric = task.evaluate(model, data.test) if math.isfinite(mean_loss) else float("nan")
-        clock.add("eval_s", time.perf_counter() - eval_start)
-        record.epochs_completed = epoch + 1
-        record.history.append({"epoch": epoch + 1, "train_loss": mean_loss, task.metric: metric,
-                               "lr": scheduler.get_last_lr()[0], **method.diagnostics(), **monitor.epoch_summary()})
-        log(f"[{run.label}] epoch {epoch + 1}/{recipe.epochs} loss {mean_loss:.4f} {task.metric} {metric:.2f} "
-            f"({time.perf_counter() - start:.1f}s)")
-        if not math.isfinite(mean_loss):
-            record.status, record.message = "diverged", f"non-finite training loss in epoch {epoch + 1}"
-            break
-        finite = [h[task.metric] for h in record.history]
-        record.best_epoch_metric = max(finite) if task.higher_is_better else min(finite)
-        position = Position(epoch + 1, 0, position.step)
-        loss_sum = torch.zeros((), device=device)
-        write_checkpoint()  # after the last epoch too: a run killed while finishing resumes here
-        last_checkpoint = time.monotonic()
-        signum, _ = _agree(stop.signum, False)
-        if signum:
-            raise Stopped(signum, position.step)
+    try:
+        for epoch in range(position.epoch, recipe.epochs):
+            remaining = steps_per_epoch - position.step_in_epoch
+            if remaining > 0:
+                if hasattr(data.train, "set_epoch"):
+                    data.train.set_epoch(epoch)
+                model.train()
+                progress.begin_epoch(epoch, recipe.epochs, steps_per_epoch, position.step_in_epoch)
+                clock.begin()
+                for inputs, targets in itertools.islice(data.train, remaining):
+                    loss = train_step(training, inputs, targets, recipe.grad_clip)
+                    monitor.after_step()
+                    if step_log is not None:
+                        step_log.record(position.step + 1, epoch, loss, scheduler.get_last_lr()[0], method.diagnostics)
+                    scheduler.step()
+                    loss_sum += loss.detach()
+                    position.step_in_epoch += 1
+                    position.step += 1
+                    clock.step_done()
+                    progress.step(position.step, loss)
+                    if position.step % sync_every:
+                        continue
+                    due = time.monotonic() - last_checkpoint >= 60 * options.checkpoint_minutes
+                    signum, due = _agree(stop.signum, due)
+                    if signum or (due and position.step_in_epoch < steps_per_epoch):
+                        write_checkpoint()
+                        last_checkpoint = time.monotonic()
+                        if signum:
+                            raise Stopped(signum, position.step)
+                clock.end()
+                progress.end_epoch()
+            mean_loss = reduce_tensor_(loss_sum.clone(), "avg").item() / steps_per_epoch
+            eval_start = time.perf_counter()
+            metric = task.evaluate(model, data.test) if math.isfinite(mean_loss) else float("nan")
+            clock.add("eval_s", time.perf_counter() - eval_start)
+            record.epochs_completed = epoch + 1
+            record.history.append({"epoch": epoch + 1, "train_loss": mean_loss, task.metric: metric,
+                                   "lr": scheduler.get_last_lr()[0], **method.diagnostics(), **monitor.epoch_summary()})
+            log(f"[{run.label}] epoch {epoch + 1}/{recipe.epochs} loss {mean_loss:.4f} {task.metric} {metric:.2f} "
+                f"({time.perf_counter() - start:.1f}s)")
+            if not math.isfinite(mean_loss):
+                record.status, record.message = "diverged", f"non-finite training loss in epoch {epoch + 1}"
+                break
+            finite = [h[task.metric] for h in record.history]
+            record.best_epoch_metric = max(finite) if task.higher_is_better else min(finite)
+            position = Position(epoch + 1, 0, position.step)
+            loss_sum = torch.zeros((), device=device)
+            write_checkpoint()  # after the last epoch too: a run killed while finishing resumes here
+            last_checkpoint = time.monotonic()
+            signum, _ = _agree(stop.signum, False)
+            if signum:
+                raise Stopped(signum, position.step)
+
+    finally:
+        if step_log is not None:
+            step_log.close(method.diagnostics())
 
     timing = clock.totals
     timing["warmup_steps"] = clock.warmup
@@ -414,6 +430,8 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
             timing["tokens_per_s"] = timing["samples_per_s"] * task.tokens_per_sample()
     timing["train_s"] = time.perf_counter() - start - timing["eval_s"]
     record.timing = timing
+
+
     record.memory = {**_max_over_ranks(gather(memory.read())), "state_bytes": training_state_bytes(model, method)}
     if record.status == "diverged":
         return

@@ -113,3 +113,27 @@ def test_leaderboard_of_mixed_good_and_bad_records_warns_once_per_bad_file(idx_r
 
 def test_leaderboard_of_a_missing_folder_is_an_error(tmp_path, capsys):
     assert "no such file or folder" in _error_of(["leaderboard", str(tmp_path / "none")], capsys)
+
+
+def test_leaderboard_formats_and_compare_through_the_cli(idx_root, isolated_data_env, tmp_path, capsys):
+    import pandas as pd
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    assert main(_run_args(idx_root, old, "--seeds", "0", "1")) == 0
+    assert main(_run_args(idx_root, new, "--seeds", "0", "1", "--epochs", "2")) == 0
+    capsys.readouterr()
+    assert main(["leaderboard", str(old), "--format", "csv"]) == 0
+    frame = pd.read_csv(__import__("io").StringIO(capsys.readouterr().out))
+    assert set(frame["method"]) == {"fp", "parq"} and (frame["n"] == 2).all()
+    assert main(["leaderboard", str(old), "--format", "latex"]) == 0
+    assert "\\begin{tabular}" in capsys.readouterr().out
+    assert main(["leaderboard", str(old), "--format", "json", "-o", str(tmp_path / "board")]) == 0
+    assert json.loads((tmp_path / "board" / "mnist-mlp.json").read_text())
+    assert main(["leaderboard", str(old), "--format", "html"]) == 2
+    capsys.readouterr()
+    assert main(["compare", str(old), str(new)]) == 0  # other epochs: other sections, cells added and removed
+    printed = capsys.readouterr().out
+    assert "added" in printed and "removed" in printed
+    assert main(["compare", str(old), str(old), "--format", "csv"]) == 0
+    compared = pd.read_csv(__import__("io").StringIO(capsys.readouterr().out))
+    assert (compared["status"] == "compared").all() and (compared["change"] == 0).all()
