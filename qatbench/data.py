@@ -1,6 +1,6 @@
 """Finding data sets on disk, and reading the IDX format of (Fashion-)MNIST.
 
-Resolution order for a data set (DESIGN.md): a given `--data-root` is the only
+Resolution order for a data set: a given `--data-root` is the only
 place searched (missing data there is an error, never a fallback); without it,
 `$QATBENCH_DATA`, `~/.cache/qatbench`, the system data set folders (Debian's
 `dataset-*` packages install under `/usr/share/datasets`), then a download where

@@ -1,4 +1,4 @@
-"""Quantized weights in memory: every quantized tensor of a method in one flat buffer (DESIGN.md).
+"""Quantized weights in memory: every quantized tensor of a method in one flat buffer.
 
 Layout: each quantized tensor's rows (its `as_rows` view: one row per output channel, or
 one row per tensor) lie one after the other in a flat buffer, in the tensor's memory
@@ -173,8 +173,7 @@ class FlatQuantizer:
         if self.config.bits == TERNARY:
             q_max, half_range = amax, 1.5
         else:
-            q_max = torch.minimum(self.config.bits * self._row_mean_abs(latent), amax) \
-                if self.config.scale_method == "mean" else amax
+            q_max = torch.minimum(self.config.bits * self._row_mean_abs(latent), amax)
             half_range = 2 ** (self.config.bits - 1) - 0.5
         steps = (q_max / half_range).clamp_(min=2 * torch.finfo(latent.dtype).tiny)
         return make_levels(self.coefficients * steps[:, None], steps, self.layout)

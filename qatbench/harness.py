@@ -4,7 +4,7 @@ The training loop is one plain function (`_train`), readable top to bottom: data
 forward, loss, backward, `method.step(closure)`, LR schedule, checkpoint, per-epoch log
 and evaluation; then `finalize()`, the exactness check and the final evaluation.
 
-Run lifecycle (DESIGN.md): take the run's lock (skip the run if a live process holds
+Run lifecycle: take the run's lock (skip the run if a live process holds
 it) -> resume from the run's checkpoint if one exists -> train, writing an atomic
 checkpoint every epoch, every `checkpoint_minutes` and on a stop signal -> finalize ->
 exactness check -> evaluate -> write the record -> delete the checkpoint -> release

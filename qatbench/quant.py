@@ -5,9 +5,9 @@ for per-channel quantization (conv weights flattened to `(out, in*kh*kw)`), a
 single row for per-tensor quantization. Levels are a `(rows, m)` tensor, sorted
 along dim 1.
 
-Level sets (METHODS.md, after the PARQ reference `UnifQuantizer`, MIT):
+Level sets (after the PARQ reference `UnifQuantizer`, MIT):
 
-* uniform, b bits: `q_max = min(b * mean|w|, max|w|)` ("mean") or `max|w|` ("max"),
+* uniform, b bits: `q_max = min(b * mean|w|, max|w|)`,
   `s = q_max / (2^(b-1) - 1/2)`, levels `(k - (2^b - 1)/2) * s` for k = 0..2^b-1.
   For b = 1 this is `{-q_max, +q_max}`.
 * uniform ternary: `s = max|w| / 1.5`, levels `{-s, 0, s}`.
@@ -82,7 +82,6 @@ class QuantizerConfig:
     bits: int
     scheme: Literal["uniform", "lsbq"] = "uniform"
     granularity: Literal["channel", "tensor"] = "channel"
-    scale_method: Literal["mean", "max"] = "mean"
 
     def __post_init__(self) -> None:
         if self.bits != TERNARY and not 1 <= self.bits <= MAX_BITS:
@@ -115,15 +114,14 @@ def _step_floor(dtype: torch.dtype) -> float:
     return 2 * torch.finfo(dtype).tiny
 
 
-def uniform_levels(rows: Tensor, bits: int, scale_method: str = "mean") -> Tensor:
+def uniform_levels(rows: Tensor, bits: int) -> Tensor:
     """Uniform symmetric levels `fl(c_k * s)`, `(rows, m)`."""
     magnitude = rows.abs()
     abs_max = magnitude.amax(dim=1, keepdim=True)
     if bits == TERNARY:
         q_max, half_range = abs_max, 1.5
     else:
-        q_max = torch.minimum(bits * magnitude.mean(dim=1, keepdim=True), abs_max) if scale_method == "mean" \
-            else abs_max
+        q_max = torch.minimum(bits * magnitude.mean(dim=1, keepdim=True), abs_max)
         half_range = 2 ** (bits - 1) - 0.5
     step = (q_max / half_range).clamp_(min=_step_floor(rows.dtype))
     return grid_coefficients(num_levels(bits), rows.dtype, rows.device) * step
@@ -151,7 +149,7 @@ def estimate_levels(rows: Tensor, config: QuantizerConfig) -> Tensor:
     with torch.no_grad():
         if config.scheme == "lsbq":
             return lsbq_levels(rows, config.bits)
-        return uniform_levels(rows, config.bits, config.scale_method)
+        return uniform_levels(rows, config.bits)
 
 
 def midpoints(levels: Tensor) -> Tensor:

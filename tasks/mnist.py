@@ -50,7 +50,7 @@ class MLPTask(Task):
     torchvision_class: ClassVar[str] = ""
     how_to_get: ClassVar[str] = ""
     recipes = {
-        "smoke": Recipe(epochs=1, batch_size=128, lr=0.02),
+        "smoke": Recipe(epochs=1, batch_size=128, lr=0.02, epoch_steps=20),
         "short": Recipe(epochs=5, batch_size=128, lr=0.02),
         "paper": Recipe(epochs=20, batch_size=128, lr=0.02),
     }

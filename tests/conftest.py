@@ -10,6 +10,9 @@ import pytest
 import torch
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+REAL_DATA = pytest.mark.realdata(pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.is_dir(),
+                                                    reason="Debian's dataset-fashion-mnist is not installed"))
+"""End-to-end runs on the real Fashion-MNIST: few, and marked (`pytest -m "not realdata"` leaves them out)."""
 
 _IDX_CODES = {torch.uint8: 0x08, torch.int32: 0x0C, torch.float32: 0x0D}
 

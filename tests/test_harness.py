@@ -126,3 +126,41 @@ def test_speed_options_train_to_an_exactly_quantized_model(options, idx_root, is
     assert record.spec["precision"] == options.get("precision", "fp32")
     assert record.spec["compile"] == options.get("compile", "none")
     assert record.timing["warmup_s"] > 0  # compilation is charged to the warm-up, not the steady state
+
+
+def test_probes_replay_the_steps_dropout_and_leave_batchnorm_statistics_alone():
+    import copy
+
+    from qatbench.harness import Training, train_step
+    from qatbench.method import Method
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(8, 3))
+    reference = copy.deepcopy(model)
+    probes = []
+
+    class Probing(Method):  # probes twice at the weights the gradient was taken at
+        def extra_forward_passes(self):
+            return 2
+
+        def step(self, closure=None):
+            probes.extend([closure(), closure()])
+            self.steps += 1
+
+    method = Probing(None, torch.optim.SGD(model.parameters(), lr=0.0), None, 1, torch.Generator())
+
+    def compute_loss(inputs, targets):
+        return torch.nn.functional.cross_entropy(model(inputs), targets)
+
+    training = Training(model, compute_loss, method, None, 1, 1, compute_loss)
+    inputs, targets = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    rng = torch.get_rng_state()
+    loss = train_step(training, inputs, targets)
+    after_step = torch.get_rng_state()
+    torch.set_rng_state(rng)
+    reference(inputs)  # one training forward: what the statistics and the generator must show afterwards
+    assert torch.equal(probes[0], loss.detach()) and torch.equal(probes[1], loss.detach())  # the same masks
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(model[1], name), getattr(reference[1], name)), name
+    assert torch.equal(after_step, torch.get_rng_state())  # the probes drew nothing more

@@ -68,17 +68,17 @@ def test_a_stop_signal_checkpoints_records_interrupted_and_a_rerun_resumes(
     argv = ["run", "--method", "parq", "--task", "mnist-mlp", "--bits", "2", "--recipe", "smoke", "--epochs", "3",
             "--batch-size", "16", "--data-root", str(idx_root), "--no-download", "--out", str(out)]
     marker = tmp_path / "stalled"
-    process = stalled_process(argv, 40, marker)  # the middle of the second epoch of 32 steps
+    process = stalled_process(argv, 30, marker)  # the middle of the second epoch of 20 steps
     process.send_signal(stop_signal)
     marker.with_name("stalled.release").touch()
     output = process.communicate(timeout=120)[0]
     assert process.returncode == code, output
     [path] = out.rglob("*.json")
     record = read_record(path)
-    assert record.status == "interrupted" and f"stopped by {stop_signal.name} at step 41" in record.message
-    assert record.timing["stopped_at_step"] == 41 and path.with_suffix(".ckpt").exists()
+    assert record.status == "interrupted" and f"stopped by {stop_signal.name} at step 31" in record.message
+    assert record.timing["stopped_at_step"] == 31 and path.with_suffix(".ckpt").exists()
     assert main(argv) == 0
-    assert f"resumed from {path.with_suffix('.ckpt')} at step 41 (epoch 2" in capsys.readouterr().out
+    assert f"resumed from {path.with_suffix('.ckpt')} at step 31 (epoch 2" in capsys.readouterr().out
     finished = read_record(path)
-    assert finished.status == "ok" and finished.resumed[0]["step"] == 41 and len(finished.history) == 3
+    assert finished.status == "ok" and finished.resumed[0]["step"] == 31 and len(finished.history) == 3
     assert not path.with_suffix(".ckpt").exists()  # deleted once the record is written

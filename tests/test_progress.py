@@ -17,7 +17,7 @@ def test_without_a_terminal_a_progress_line_says_step_loss_speed_and_time_left(i
     assert _run(idx_root, tmp_path / "runs", "--progress-seconds", "0.000001") == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "steps/s" in line]
     assert lines and all(" ETA " in line and "loss " in line for line in lines)
-    assert any(line.startswith("[mnist-mlp talr b2 s0] step 192/192 ") for line in lines)
+    assert any(line.startswith("[mnist-mlp talr b2 s0] step 60/60 ") for line in lines)  # 3 smoke epochs of 20
 
 
 def test_the_csv_log_has_every_step_with_its_loss_and_lr_and_the_diagnostics(idx_root, isolated_data_env, tmp_path):
@@ -25,7 +25,7 @@ def test_the_csv_log_has_every_step_with_its_loss_and_lr_and_the_diagnostics(idx
     assert _run(idx_root, out, "--log", "csv") == 0
     [path] = out.rglob("*.steps.csv")
     rows = list(csv.DictReader(path.open()))
-    assert [int(r["step"]) for r in rows] == list(range(1, 193))  # 3 epochs of 64 steps
+    assert [int(r["step"]) for r in rows] == list(range(1, 61))  # 3 smoke epochs of 20 steps
     assert all(float(r["loss"]) > 0 and float(r["lr"]) > 0 for r in rows)
     flushed = [r for r in rows if r["talr_step_size"]]
     assert flushed and int(flushed[0]["step"]) == 50  # the diagnostics, at each flush
@@ -40,7 +40,7 @@ def test_tensorboard_logs_the_scalars(idx_root, isolated_data_env, tmp_path):
     [folder] = out.rglob("*.tb")
     events = EventAccumulator(str(folder))
     events.Reload()
-    assert len(events.Scalars("train/loss")) == 192 and events.Scalars("train/lr")
+    assert len(events.Scalars("train/loss")) == 60 and events.Scalars("train/lr")
 
 
 def test_an_unknown_log_kind_is_a_one_line_error(capsys):

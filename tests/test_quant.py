@@ -37,10 +37,10 @@ def test_uniform_two_bits_mean_scale():
     torch.testing.assert_close(uniform_levels(W, 2), torch.tensor([[-1.5 * s, -0.5 * s, 0.5 * s, 1.5 * s]]))
 
 
-def test_uniform_four_bits_max_scale():
-    s = 4 / 7.5
+def test_uniform_four_bits_is_capped_by_the_largest_weight():
+    s = 4 / 7.5  # q_max = min(4 * mean|w|, max|w|) = min(10, 4)
     expected = (torch.arange(16.0) - 7.5) * s
-    torch.testing.assert_close(uniform_levels(W, 4, "max"), expected[None])
+    torch.testing.assert_close(uniform_levels(W, 4), expected[None])
 
 
 def test_uniform_ternary():

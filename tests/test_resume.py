@@ -15,7 +15,7 @@ from qatbench.results import load_records
 from tests.conftest import make_cifar_batches, make_image_folder, write_corpus
 from tests.test_lifecycle import stalled_process
 
-MLP = ["--task", "mnist-mlp", "--recipe", "smoke", "--epochs", "3", "--batch-size", "16"]  # 32 steps an epoch
+MLP = ["--task", "mnist-mlp", "--recipe", "smoke", "--epochs", "3", "--batch-size", "16"]  # 20 steps an epoch
 
 
 def _finish(argv: list[str], out: Path) -> tuple:
@@ -52,7 +52,7 @@ def _kill_and_resume(argv: list[str], step: int, tmp_path: Path):
 
 
 QUANT_PERIOD = ("--method-arg", "quant_period=3")  # level refreshes on both sides of the kill
-ANNEAL = ("--method-arg", "anneal_end=0.6")  # step 58: the hard-quantized end is reached after the resume
+ANNEAL = ("--method-arg", "anneal_end=0.9")  # step 54: the hard-quantized end is reached after the resume
 
 
 @pytest.mark.parametrize("method, extra", [
@@ -94,7 +94,7 @@ def test_image_folder_resumes_bit_identically(step, isolated_data_env, tmp_path)
 def test_a_run_killed_between_epochs_resumes_with_a_fresh_epoch(idx_root, isolated_data_env, tmp_path):
     argv = ["run", "--method", "ste", "--bits", "2", *MLP, "--data-root", str(idx_root)]
     reference = _finish(argv, tmp_path / "reference")
-    _assert_same_run(_kill_and_resume(argv, 32, tmp_path), reference)  # the end of the first epoch
+    _assert_same_run(_kill_and_resume(argv, 40, tmp_path), reference)  # the end of the second epoch
 
 
 def test_language_model_resumes_bit_identically(isolated_data_env, tmp_path):

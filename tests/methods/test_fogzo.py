@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from qatbench.methods.fogzo import EPS_BAR, unit_noise, zeroth_order_gradient
+from qatbench.methods.fogzo import unit_noise, zeroth_order_gradient
+from tests.methods.conftest import set_grad
 
 CURVATURE = torch.tensor([[1.0, 2.0, 3.0]])
 CENTER = torch.tensor([[0.5, -1.0, 2.0]])
@@ -65,8 +66,40 @@ def test_each_step_makes_two_closure_calls_per_sample_and_replaces_the_gradient(
     assert not torch.allclose(method.latent[0], latent_before - 0.1 * torch.ones_like(p))  # not the STE update
 
 
-def test_radius_is_alpha_eps_bar_quantizer_steps():
-    assert EPS_BAR == pytest.approx(1 / (2 * 3 ** 0.5))
+@pytest.mark.parametrize("alpha", [1.0, 2.5])
+def test_the_probes_use_a_radius_of_alpha_eps_bar_quantizer_steps(make_method, alpha):
+    # per tensor, 2 bits: mean|w| = 0.7, max|w| = 1, q_max = min(2 * 0.7, 1) = 1, step s = 1 / 1.5
+    method, p = make_method("fogzo", [[-1.0, -0.4, 0.4, 1.0]], bits=2, alpha=alpha, beta_min=0.0, total_steps=10)
+    seen = []
+
+    def closure():
+        seen.append(p.data.clone())  # the model holds Q(w +- eps v) while the closure runs
+        return (p ** 2).sum()
+
+    set_grad(p, [[0.0, 0.0, 0.0, 0.0]])
+    method.step(closure)  # QAT starts: the levels of the unchanged w, and with them the radius
+    expected = alpha / (2 * 3 ** 0.5) * (1 / 1.5)
+    assert method.radius_rows.tolist() == pytest.approx([expected])
+    set_grad(p, [[0.1, 0.2, 0.3, 0.4]])
+    offsets = []
+    real_hard_quantize = method.hard_quantize
+
+    def record(values, out=None):
+        offsets.append(values - method.latent_flat)  # eps v of the probe
+        return real_hard_quantize(values, out=out)
+
+    method.hard_quantize = record
+    generator_state = method.generator.get_state()
+    method.step(closure)
+    # beta = 1 at QAT step 1 of 10 is 0.9 here; v = sqrt(beta) s g_hat + sqrt(1 - beta) u; the offsets are eps v
+    torch.testing.assert_close(offsets[1], -offsets[0])  # the pair: w + eps v and w - eps v
+    method.generator.set_state(generator_state)
+    beta = method.current_beta
+    sign = torch.randint(0, 2, (), generator=method.generator).float() * 2 - 1
+    noise = (torch.rand(4, generator=method.generator) - 0.5) * (2 * 3 ** 0.5) * (1 - beta) ** 0.5
+    g = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    v = noise + (beta ** 0.5) * sign * g / g.norm()
+    torch.testing.assert_close(offsets[0], expected * v, rtol=1e-5, atol=1e-7)
 
 
 def test_beta_decays_linearly_to_beta_min(make_method):
