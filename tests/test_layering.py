@@ -1,0 +1,41 @@
+"""The core's layers: no import cycles, and the harness used only by the front ends (commands)."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).parent.parent / "qatbench"
+FRONT_ENDS = {"cli", "bench", "deploy", "executors", "__main__"}
+
+
+def _imports() -> dict[str, set[str]]:
+    """qatbench module -> the qatbench modules it imports (at any depth of its code)."""
+    graph = {}
+    for path in PACKAGE.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names.add(node.module.split(".")[0] if node.module else "")
+                if not node.module:
+                    names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qatbench."):
+                names.add(node.module.split(".")[1])
+        graph[path.stem] = {n for n in names if (PACKAGE / f"{n}.py").exists()}
+    return graph
+
+
+def test_no_module_of_the_core_imports_itself_back():
+    graph = _imports()
+
+    def reaches(start, target, seen):
+        for n in graph[start]:
+            if n == target or (n not in seen and (seen.add(n) or reaches(n, target, seen))):
+                return True
+        return False
+
+    cycles = [m for m in graph if reaches(m, m, set())]
+    assert cycles == []
+
+
+def test_only_front_ends_import_the_harness():
+    users = {module for module, imported in _imports().items() if "harness" in imported}
+    assert users <= FRONT_ENDS, users - FRONT_ENDS
