@@ -30,6 +30,7 @@ from . import checkpoint
 from .diagnostics import TransitionMonitor
 from .errors import QatbenchError
 from .harness import Position, Training, _sync, build_training, checkpoint_payload, rank_state, train_step
+from .opcount import StepOps, base_step_ops, count_step, refresh_ops, use_foreach
 from .quant import as_rows, estimate_levels
 from .registry import METHODS
 from .spec import ResolvedRun, RunSpec, bind_data, resolve
@@ -52,6 +53,7 @@ class BenchRow:
     checkpoint_ms: float  # writing one in-run checkpoint (atomically, flushed to disk)
     checkpoint_mb: float
     peak_allocated_mb: float | None
+    ops: StepOps | None = None  # operations dispatched by one method step outside a level refresh
 
     @property
     def met(self) -> bool:
@@ -97,6 +99,33 @@ def _refresh_ms(contender: _Contender, repeats: int = 20) -> float | None:
         _sync(contender.run.device)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def _refresh_next(method: Any) -> bool:
+    """Whether the method's next step starts QAT or refreshes its levels (not the step to count)."""
+    if not hasattr(method, "refresh_due"):
+        return False
+    t = method.steps - method.warmup_steps
+    return t <= 0 or method.refresh_due(t)
+
+
+def _step_ops(contender: _Contender, stream: Iterator) -> StepOps:
+    """The operations of one step of the contender's method (its base optimizer on its foreach path),
+    outside a level refresh, its probes counted apart; the base step's and one refresh's too."""
+    method = contender.training.method
+    use_foreach(method.optimizer)
+    while _refresh_next(method):
+        _step(contender, next(stream))
+    counted: dict[str, Any] = {}
+    step = method.step
+    method.step = lambda closure=None: counted.setdefault("step", count_step(step, closure))
+    try:
+        _step(contender, next(stream))
+    finally:
+        del method.step
+    counter = counted["step"]
+    return StepOps(counter.total("step"), base_step_ops(method.optimizer), counter.total("probes"),
+                   refresh_ops(method), counter.host_reads())
 
 
 def _checkpoint_cost(contender: _Contender, batches: Any) -> tuple[float, float]:
@@ -174,12 +203,13 @@ def bench(specs: list[RunSpec], steps: int = 50, warmup: int = 10, rounds: int =
         state = training_state_bytes(contender.training.model, method)["total"]
         quantized = sum(p.numel() for p in method.quantized_params())
         checkpoint_ms, checkpoint_mb = _checkpoint_cost(contender, data.train)
+        ops = _step_ops(contender, stream)
         rows.append(BenchRow(
             method=run.method_cls.name, bits=run.bits_text, step_ms=step_ms, ratio=step_ms / fp_ms, target=target,
             state_mb=state / 2**20, state_ratio=state / fp_state,
             bytes_per_weight=(state - fp_state) / quantized if run.method_cls.quantizes and quantized else None,
             refresh_ms=_refresh_ms(contender), checkpoint_ms=checkpoint_ms, checkpoint_mb=checkpoint_mb,
-            peak_allocated_mb=None))
+            peak_allocated_mb=None, ops=ops))
     del contenders, fp, contender, stream
     for row, run in zip(rows, runs):
         row.peak_allocated_mb = _peak_allocated_mb(run, data.train, steps_per_epoch, warmup + steps)
@@ -207,7 +237,16 @@ def markdown(rows: list[BenchRow]) -> str:
               "" if r.bytes_per_weight is None else f"{r.bytes_per_weight:.2f}",
               "" if r.refresh_ms is None else f"{r.refresh_ms:.3f}", f"{r.checkpoint_ms:.1f}", f"{r.checkpoint_mb:.2f}",
               "" if r.peak_allocated_mb is None else f"{r.peak_allocated_mb:.0f}"] for r in ordered]
-    return tabulate(table, headers=["method", "bits", "step ms (median)", "vs fp", "target", "met", "state MB",
-                                    "vs fp", "bytes/weight", "refresh ms", "checkpoint ms", "checkpoint MB",
-                                    "peak alloc MB"],
-                    tablefmt="github", disable_numparse=True)
+    timing = tabulate(table, headers=["method", "bits", "step ms (median)", "vs fp", "target", "met", "state MB",
+                                      "vs fp", "bytes/weight", "refresh ms", "checkpoint ms", "checkpoint MB",
+                                      "peak alloc MB"], tablefmt="github", disable_numparse=True)
+    counted = [[r.method, r.bits, str(r.ops.step), str(r.ops.base), f"+{r.ops.extra}", str(r.ops.probes),
+                "" if r.ops.refresh is None else str(r.ops.refresh), str(r.ops.host_reads)]
+               for r in ordered if r.ops is not None]
+    if not counted:
+        return timing
+    operations = tabulate(counted, headers=["method", "bits", "step ops", "base foreach step", "extra",
+                                            "probe forward ops", "refresh ops", "host reads"],
+                          tablefmt="github", disable_numparse=True)
+    return (f"{timing}\n\nOperations dispatched by one method step outside a level refresh (aten operations, "
+            f"counted with a dispatch mode; each is at least one kernel launch on a GPU):\n\n{operations}")

@@ -104,7 +104,7 @@ def alias(params: list[Tensor], layout: FlatLayout) -> Tensor | None:
     return flat
 
 
-def _next_power_of_two(n: int) -> int:
+def _power_of_two_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -115,17 +115,20 @@ class FlatLevels:
     table: Tensor  # (R, m) sorted levels
     steps: Tensor | None  # (R,) uniform levels' steps; None for other level sets
     element_steps: Tensor | None  # (N,) each element's row's step (uniform levels)
-    bounds: Tensor | None  # (R, K - 1) midpoints padded with +inf, K = the power of two >= m (other level sets)
-    padded: Tensor | None  # (R, K' - 1) the levels padded with +inf, K' = the power of two >= m + 1
+    bounds: Tensor | None  # (R * S,) each row's midpoints, then +inf (other level sets); S = search_stride(m)
+    padded: Tensor | None  # (R * S,) each row's levels, then +inf
 
     @property
     def m(self) -> int:
         return self.table.shape[1]
 
 
-def padded_search_table(table: Tensor, outcomes: int) -> Tensor:
-    """`table` `(R, n)` padded with +inf to `K - 1` columns, K the power of two >= `outcomes`."""
-    width = _next_power_of_two(outcomes) - 1
+def search_stride(m: int) -> int:
+    """The row stride of the searched tables: a power of two > m, room for every binary search over them."""
+    return 1 << m.bit_length()
+
+
+def _padded(table: Tensor, width: int) -> Tensor:
     pad = torch.full((table.shape[0], width - table.shape[1]), math.inf, dtype=table.dtype, device=table.device)
     return torch.cat([table, pad], dim=1).contiguous()
 
@@ -134,9 +137,10 @@ def make_levels(table: Tensor, steps: Tensor | None, layout: FlatLayout) -> Flat
     """The levels of a layout from their tables (and, for uniform levels, their steps): what searching needs."""
     if steps is not None:
         return FlatLevels(table.contiguous(), steps, layout.per_element(steps), None, None)
+    stride = search_stride(table.shape[1])
     bounds = (table[:, 1:] + table[:, :-1]) / 2
-    return FlatLevels(table.contiguous(), None, None, padded_search_table(bounds, table.shape[1]),
-                      padded_search_table(table, table.shape[1] + 1))
+    return FlatLevels(table.contiguous(), None, None, _padded(bounds, stride).view(-1),
+                      _padded(table, stride).view(-1))
 
 
 class FlatQuantizer:
@@ -157,7 +161,8 @@ class FlatQuantizer:
         self.ternary_lsbq = torch.tensor([-1.0, 0.0, 1.0], dtype=dtype, device=device)
         counts = layout.row_reduce(torch.ones(layout.numel, dtype=dtype, device=device), "sum")
         self.row_counts = self._reduced(counts, "sum")
-        self.row_of = layout.row_index() if config.scheme != "uniform" else None  # for searched tables
+        # where each element's row starts in the searched tables (int32), for level sets that are searched
+        self.row_start = layout.row_index().mul_(search_stride(self.m)) if config.scheme != "uniform" else None
 
     def _reduced(self, values: Tensor, op: str) -> Tensor:
         return self.reduce(values, op) if self.reduce is not None else values
@@ -191,19 +196,17 @@ class FlatQuantizer:
         return (torch.stack(basis, dim=1) @ self.signs).sort(dim=1).values
 
     # -- elementwise, whole-buffer operations ------------------------------------------------------
-    def _count_below(self, values: Tensor, padded: Tensor) -> Tensor:
-        """For each element, how many entries of its row's sorted table (padded with +inf to 2^k - 1 entries)
-        are below it (ties go down): a branchless binary search, one gather per halving."""
-        width = padded.shape[1] + 1
-        flat_table = padded.view(-1)
-        row_base = self.row_of * (width - 1)
-        index = torch.zeros_like(row_base)
-        half = width // 2
+    def _search(self, values: Tensor, table: Tensor, outcomes: int) -> Tensor:
+        """For each element, the position in the flat table `(R * S,)` of its row's first entry that is not below
+        it, i.e. the row's start plus how many of its sorted entries are below the value (ties go down), among
+        the first `outcomes - 1` entries: a branchless binary search of log2 steps of four operations."""
+        position = self.row_start.clone()
+        half = _power_of_two_at_least(outcomes) // 2
         while half >= 1:
-            probe = flat_table.index_select(0, (row_base + index).add_(half - 1))
-            index.add_(values > probe, alpha=half)
+            probe = table.index_select(0, position + (half - 1))
+            position.add_(values > probe, alpha=half)
             half //= 2
-        return index
+        return position
 
     def _nearest_coefficient(self, scaled: Tensor) -> Tensor:
         """In place: the coefficient `c_k` of the nearest uniform level to `w / s`: the nearest half-integer
@@ -215,7 +218,7 @@ class FlatQuantizer:
         """The index of the nearest level of every element (int32 for searched tables, float for uniform)."""
         if levels.steps is not None:
             return self._nearest_coefficient(values / levels.element_steps).sub_(self.first)
-        return self._count_below(values, levels.bounds)
+        return self._search(values, levels.bounds, self.m) - self.row_start
 
     def hard_quantize(self, values: Tensor, levels: FlatLevels, out: Tensor | None = None) -> Tensor:
         """`Q[nearest(w)]` of every element, bitwise an entry of its row's table (`fl(c_k s)`, one rounding,
@@ -223,8 +226,7 @@ class FlatQuantizer:
         if levels.steps is not None:  # computed in place in `out`: five elementwise operations, no allocation
             steps = levels.element_steps
             return self._nearest_coefficient(torch.div(values, steps, out=out)).mul_(steps)
-        flat_index = self._count_below(values, levels.bounds).add_(self.row_of * self.m)
-        return torch.index_select(levels.table.view(-1), 0, flat_index, out=out)
+        return torch.index_select(levels.padded, 0, self._search(values, levels.bounds, self.m), out=out)
 
     def interval(self, values: Tensor, levels: FlatLevels) -> tuple[Tensor, Tensor]:
         """`(q_lo, q_hi)`: the levels around each element (both the end level outside `[q_1, q_m]`)."""
@@ -232,9 +234,8 @@ class FlatQuantizer:
             steps = levels.element_steps
             j = (values / steps).sub_(self.first).floor_().clamp_(0, self.m - 2).add_(self.first)
             return j * steps, j.add_(1).mul_(steps)
-        above = self._count_below(values, levels.padded)  # levels below w: w lies in (q[above-1], q[above]]
-        base = self.row_of * self.m
-        flat_table = levels.table.view(-1)
-        low = flat_table.index_select(0, (above - 1).clamp_(min=0).add_(base))
-        high = flat_table.index_select(0, above.clamp_(max=self.m - 1).add_(base))
+        above = self._search(values, levels.padded, self.m + 1)  # w lies in (q[above - 1], q[above]]
+        flat_table = levels.padded
+        low = flat_table.index_select(0, torch.maximum(above - 1, self.row_start))
+        high = flat_table.index_select(0, torch.minimum(above, self.row_start + (self.m - 1)))
         return low, high

@@ -297,7 +297,7 @@ class ProxMethod(Method):
         levels, quant = self.flat_levels, self.quant
         derived = [t for t in (levels.element_steps, levels.bounds, levels.padded) if t is not None] if levels else []
         staging = [self.output] if self.weights is None and self.output is not None else []
-        constants = [t for t in (quant.row_of, quant.signs) if t is not None]
+        constants = [t for t in (quant.row_start, quant.signs) if t is not None]
         return [self.layout.row_lengths, self.layout.tensor_numels, quant.coefficients, quant.row_counts, *constants,
                 *derived, *staging]
 
