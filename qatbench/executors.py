@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QatbenchError
-from .signals import STOP_SIGNALS, Stopped
+from .signals import STOP_SIGNALS, Stopped, stop_signals
 
 EXECUTORS = ("inline", "local", "slurm", "debug")
 SLURM_SIGNAL_DELAY_S = 120  # seconds between SLURM's warning signal and the kill: time to reach a step and checkpoint
@@ -52,6 +52,7 @@ class Settings:
     command: str | None = None
     logs: tuple[str, ...] = ()
     progress_s: float = 30.0
+    plugins: tuple[str, ...] = ()  # plugin files (`--plugin`), loaded again in every worker process
 
 
 @contextlib.contextmanager
@@ -83,8 +84,11 @@ def run_one(spec: Any, settings: Settings, stop_signals: tuple[int, ...] = STOP_
     from .distributed import init_distributed, world_from_environment
     from .harness import RunFiles, RunOptions, bind_once, run_all, summary_line
     from .results import record_path
+    from .registry import load_plugin_file
     from .spec import resolve
 
+    for plugin in settings.plugins:
+        load_plugin_file(plugin)
     world = world_from_environment()
     run = resolve(dataclasses.replace(spec, device=init_distributed(world, spec.device)))
     bind_once([run], settings.data_root, settings.download, world)
@@ -101,15 +105,29 @@ def run_one(spec: Any, settings: Settings, stop_signals: tuple[int, ...] = STOP_
     return summary_line(run.label, records[0], files.record)
 
 
-def _pin(slots: Any) -> None:
-    """Pool worker initializer: take a device slot (a CUDA_VISIBLE_DEVICES value), if there are any."""
+class _PoolWorker:
+    """What a pool worker process holds from its start: the sweep's stop flag, set by the pool's owner."""
+
+    stopping: Any = None  # a multiprocessing Event
+
+
+def _start_worker(slots: Any, stopping: Any) -> None:
+    """Pool worker initializer: take a device slot (a CUDA_VISIBLE_DEVICES value), if there are any, and
+    keep the sweep's stop flag. Between runs the worker ignores stop signals (a run routes them to its
+    checkpoint), so that a stop passed on by the pool's owner never kills an idle worker and breaks the pool."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    _PoolWorker.stopping = stopping
     slot = slots.get()
     if slot is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = slot
 
 
-def _work(spec: Any, settings: Settings, per_run: int) -> str:
-    """One run in a pool worker: in this process, or on `per_run` ranks started by torchrun's launcher."""
+def _work(spec: Any, settings: Settings, per_run: int) -> str | None:
+    """One run in a pool worker: in this process, or on `per_run` ranks started by torchrun's launcher; None
+    when the sweep was stopped before the run could start."""
+    if _PoolWorker.stopping is not None and _PoolWorker.stopping.is_set():
+        return None
     if per_run == 1:
         return run_one(spec, settings)
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -135,23 +153,45 @@ def device_slots(device_type: str, workers: int, per_run: int) -> list[str | Non
 
 
 def run_local(specs: list[Any], settings: Settings, workers: int, per_run: int, log: Any = print) -> list[str]:
-    """Every run of `specs` on a pool of `workers` processes (each pinned to its devices); the summary lines."""
+    """Every run of `specs` on a pool of `workers` processes (each pinned to its devices); the summary lines.
+
+    A stop signal sent to this process alone (`kill PID`, a scheduler's SIGTERM) is passed on to the
+    workers: their runs checkpoint at their next step and record `interrupted`, the runs not yet started
+    are dropped, and `Stopped` is raised once every started run has returned."""
     if workers < 1 or per_run < 1:
         raise QatbenchError(f"--workers {workers} and --gpus-per-run {per_run} must be >= 1")
     device_type = "cuda" if specs and specs[0].device.startswith("cuda") else "cpu"
     if device_type == "cuda":
         specs = [dataclasses.replace(s, device="cuda") for s in specs]  # each worker sees only its own GPUs
     context = multiprocessing.get_context("spawn")
-    slots = context.Manager().Queue()
+    slots, stopping = context.Queue(), context.Event()
     for slot in device_slots(device_type, workers, per_run):
         slots.put(slot)
-    lines = []
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_pin,
-                                                initargs=(slots,)) as pool:
-        futures = [pool.submit(_work, spec, settings, per_run) for spec in specs]
-        for future in concurrent.futures.as_completed(futures):
-            lines.append(future.result())
-            log(lines[-1])
+    lines: list[str] = []
+    with stop_signals() as stop, concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_start_worker, initargs=(slots, stopping)) as pool:
+        pending = {pool.submit(_work, spec, settings, per_run) for spec in specs}
+        forwarded = False
+        while pending:
+            done, pending = concurrent.futures.wait(pending, timeout=0.5,
+                                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                if future.cancelled() or (future.exception() is None and future.result() is None):
+                    continue
+                if isinstance(future.exception(), Stopped):  # its record says `interrupted`
+                    log(f"a run was {future.exception()}")
+                    continue
+                lines.append(future.result())
+                log(lines[-1])
+            if stop and not forwarded:
+                forwarded = True
+                stopping.set()  # a run already handed to a worker does not start
+                for future in pending:
+                    future.cancel()
+                for child in multiprocessing.active_children():  # the pool's workers: this process's only children
+                    os.kill(child.pid, stop.signum)
+    if stop:
+        raise Stopped(stop.signum)
     return lines
 
 

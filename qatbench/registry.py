@@ -83,11 +83,14 @@ class Registry(Generic[T]):
 
 
 def load_plugin_file(path: str | Path) -> None:
-    """Execute a plugin file, so that its `@register` decorators run."""
+    """Execute a plugin file, so that its `@register` decorators run (once per process and file)."""
     path = Path(path)
     if not path.is_file():
         raise QatbenchError(f"plugin file {str(path)!r} does not exist")
     module_name = f"qatbench_plugin_{path.stem}"
+    loaded = sys.modules.get(module_name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "")).resolve() == path.resolve():
+        return
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise QatbenchError(f"plugin file {str(path)!r} is not a Python module")

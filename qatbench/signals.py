@@ -39,9 +39,14 @@ class StopRequest:
 class Stopped(Exception):
     """Raised by the training loop once it has checkpointed after a stop request."""
 
-    def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; the checkpoint resumes it")
+    def __init__(self, signum: int, step: int | None = None) -> None:
+        where = f"at step {step}; the checkpoint resumes it" if step is not None else \
+            "; every started run checkpointed and resumes when the command is run again"
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}".replace(" ;", ";"))
         self.signum, self.step = signum, step
+
+    def __reduce__(self) -> tuple[type, tuple[int, int | None]]:  # crosses process boundaries (a pool's workers)
+        return Stopped, (self.signum, self.step)
 
 
 def exit_code(signum: int) -> int:

@@ -4,14 +4,19 @@ would submit (inspected through a stand-in `sbatch`)."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from qatbench.cli import main
 from qatbench.executors import device_slots
-from qatbench.results import load_records
+from qatbench.results import load_records, read_record
+
+from .test_lifecycle import stalled_process
 
 SWEEP = "task: mnist-mlp\nrecipe: smoke\nbits: [2]\nseeds: [0, 1]\nmethods: {ste: {}, parq: {}}\n"
 
@@ -131,3 +136,35 @@ def test_a_slurm_job_preempted_by_usr2_checkpoints_then_hands_over_to_submitits_
     assert list((tmp_path / "runs").rglob("*.ckpt"))  # the requeued job resumes from it
     resubmission = job.checkpoint(spec)
     assert resubmission.args == (spec,) and isinstance(resubmission.function, RunJob)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"  # a zombie has ended
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes' states from /proc")
+def test_a_stop_signal_to_the_pool_owner_checkpoints_the_started_runs_and_drops_the_rest(
+        sweep, idx_root, isolated_data_env, tmp_path):
+    out = tmp_path / "runs"
+    marker = tmp_path / "stalled"
+    sweep.write_text(SWEEP + "epochs: 3\n")
+    owner = stalled_process(["sweep", str(sweep), "--executor", "local", "--workers", "2", "--data-root",
+                             str(idx_root), "--no-download", "--out", str(out)], 1, marker)
+    deadline = time.monotonic() + 60
+    while len(list(out.rglob("*.json"))) < 2 and time.monotonic() < deadline:  # both workers are in a run
+        time.sleep(0.05)
+    owner.send_signal(signal.SIGTERM)  # to the owner alone, as `kill PID` or a scheduler sends it
+    time.sleep(1.5)  # the owner passes it on while the runs are held
+    marker.with_name("stalled.release").touch()
+    output = owner.communicate(timeout=120)[0]
+    assert owner.returncode == 143, output
+    records = [read_record(path) for path in out.rglob("*.json")]
+    assert len(records) == 2 and all(r.status == "interrupted" for r in records), output
+    assert all(p.with_suffix(".ckpt").exists() for p in out.rglob("*.json"))
+    deadline = time.monotonic() + 30
+    while any(_alive(r.environment["pid"]) for r in records) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(r.environment["pid"]) for r in records)  # no worker is left behind

@@ -7,11 +7,9 @@ import json
 import pytest
 import torch
 
-from qatbench.cli import main
 from qatbench.errors import QatbenchError
 from qatbench.export import export_model, load_export, pack_indices, unpack_indices
 from qatbench.quant import TERNARY, QuantizerConfig, as_rows, estimate_levels, hard_quantize
-from qatbench.results import load_records
 
 
 @pytest.mark.parametrize("width", range(1, 9))

@@ -11,7 +11,6 @@ import shlex
 import shutil
 from pathlib import Path
 
-import pytest
 import yaml
 
 from qatbench.cli import main
