@@ -65,6 +65,9 @@ def _build_parser() -> argparse.ArgumentParser:
     execution.add_argument("--stale-lock-hours", type=float, default=24.0, metavar="H",
                            help="report run locks of other hosts untouched for H hours (default: 24)")
     _add_speed_options(execution)
+    execution.add_argument("--micro-batch", type=int, default=None, metavar="N",
+                           help="gradient accumulation: forward and backward N samples at a time on each process; "
+                                "the recipe's batch stays the step's batch (default: all at once)")
     execution.add_argument("--shard", default=None, metavar="I/N",
                            help="run only every N-th run starting at the I-th (split a sweep over N processes)")
     execution.add_argument("--nproc", type=int, default=1, metavar="N",
@@ -166,13 +169,17 @@ def _add_speed_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", nargs="?", const="default", default="none", metavar="MODE",
                         help="torch.compile the model: default | reduce-overhead (CUDA graphs) | max-autotune")
     parser.add_argument("--channels-last", action="store_true", help="NHWC memory order for conv nets")
+    parser.add_argument("--no-tf32", dest="tf32", action="store_false",
+                        help="on CUDA, full fp32 matrix multiplies and no cudnn.benchmark (TF32 and autotuned "
+                             "convolutions by default; the run's identity says which)")
 
 
-_DEFAULT_SPEED = {"precision": "auto", "compile": "none", "channels_last": False}
+_DEFAULT_SPEED = {"precision": "auto", "compile": "none", "channels_last": False, "tf32": True}
 
 
 def _speed_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"precision": args.precision, "compile": args.compile, "channels_last": args.channels_last}
+    return {"precision": args.precision, "compile": args.compile, "channels_last": args.channels_last,
+            "tf32": args.tf32}
 
 
 def _with_speed_options(specs: list[RunSpec], args: argparse.Namespace) -> list[RunSpec]:
@@ -223,7 +230,8 @@ def _cmd_run(specs: list[RunSpec], args: argparse.Namespace, argv: list[str]) ->
     if args.nproc != 1 and not world.distributed:
         _torchrun(args.nproc, argv)
     device = init_distributed(world, args.device)
-    specs = [dataclasses.replace(s, device=device) for s in specs]
+    given = {"micro_batch": args.micro_batch} if args.micro_batch is not None else {}
+    specs = [dataclasses.replace(s, device=device, **given) for s in specs]
     if args.shard:
         specs = shard(specs, args.shard)
     runs = [resolve(spec) for spec in specs]  # validate everything before training anything
@@ -292,7 +300,8 @@ def _execute_elsewhere(specs: list[RunSpec], args: argparse.Namespace, argv: lis
                                   force=args.force, checkpoint_minutes=args.checkpoint_minutes,
                                   keep_checkpoints=args.keep_checkpoints, stale_lock_s=3600 * args.stale_lock_hours,
                                   command=shlex.join(["qatbench", *argv]), logs=tuple(args.log),
-                                  progress_s=args.progress_seconds)
+                                  progress_s=args.progress_seconds,
+                                  plugins=tuple(str(Path(p).resolve()) for p in args.plugin))
     if args.executor == "local":
         lines = executors.run_local(specs, settings, args.workers, args.gpus_per_run)
         failed = [line for line in lines if "] ok:" not in line]

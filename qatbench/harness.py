@@ -13,13 +13,14 @@ the lock.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import itertools
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ from .system import PeakMemory, environment, training_state_bytes
 Log = Callable[[str], None]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TIMING_WARMUP_STEPS = 10  # steps after each (re)start excluded from the steady-state step time (caches, compile)
+DATA_WAIT_WARNING = 0.1  # share of an epoch's training time spent waiting on the loader that is warned about
+DATA_WAIT_WARNING_MIN_S = 0.5  # ... when the wait is at least this long (not a tiny epoch's first batch)
 SYNC_STEPS = 20  # on several ranks, how often they agree on stopping and checkpointing (one small all-reduce)
 
 
@@ -92,6 +95,8 @@ class Training:
     steps_per_epoch: int
     total_steps: int
     probe_loss: LossFn  # a forward of the model itself, for probes under no_grad
+    micro_batch: int | None = None  # samples per forward and backward (None: the whole batch)
+    no_sync: Callable[[], Any] = contextlib.nullcontext  # DDP's: a backward that leaves the gradient unreduced
 
 
 def _load_init(model: torch.nn.Module, path: str, task: str, device: torch.device) -> None:
@@ -132,11 +137,27 @@ def loss_function(run: ResolvedRun, module: torch.nn.Module) -> LossFn:
     return compute_loss
 
 
+def prepare_device(run: ResolvedRun) -> None:
+    """The run's device as the current CUDA device (so that pinned memory, streams and libraries' defaults
+    use it) and its CUDA math (its identity's `tf32`): TF32 tensor-core matrix multiplies and convolutions
+    for fp32 (10-bit mantissa products, fp32 accumulation) and cudnn.benchmark's autotuned convolution
+    algorithms, or full fp32 and neither. These are process-wide torch settings, so every run sets them all."""
+    if run.device.type != "cuda":
+        return
+    if run.device.index is not None:
+        torch.cuda.set_device(run.device)
+    fast = bool(run.base_identity["tf32"])
+    torch.backends.cuda.matmul.allow_tf32 = fast
+    torch.backends.cudnn.allow_tf32 = fast
+    torch.backends.cudnn.benchmark = fast
+
+
 def build_training(run: ResolvedRun, steps_per_epoch: int, method_generator: torch.Generator,
                    world: World = World()) -> Training:
     """A fresh model (from `--init` when given), its loss, base optimizer, LR schedule and the method; on
     several ranks the training forward goes through DistributedDataParallel (the gradient is averaged over
     the ranks' parts of the global batch), while probes go through the model itself."""
+    prepare_device(run)
     model = run.task.build_model().to(run.device)
     if run.spec.init:
         _load_init(model, run.spec.init, run.task.name, run.device)
@@ -147,29 +168,50 @@ def build_training(run: ResolvedRun, steps_per_epoch: int, method_generator: tor
     scheduler = run.recipe.make_scheduler(optimizer, steps_per_epoch)
     method = run.method_cls(run.method_config, optimizer, run.quantizer, total_steps, method_generator)
     probe_loss = loss_function(run, model)
+    micro_batch = run.spec.micro_batch
     if not world.distributed:
-        return Training(model, probe_loss, method, scheduler, steps_per_epoch, total_steps, probe_loss)
+        return Training(model, probe_loss, method, scheduler, steps_per_epoch, total_steps, probe_loss, micro_batch)
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    return Training(model, loss_function(run, ddp), method, scheduler, steps_per_epoch, total_steps, probe_loss)
+    return Training(model, loss_function(run, ddp), method, scheduler, steps_per_epoch, total_steps, probe_loss,
+                    micro_batch, ddp.no_sync)
+
+
+def micro_batches(inputs: torch.Tensor, targets: torch.Tensor,
+                  size: int | None) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """The batch in parts of at most `size` samples, each with its share of the batch `n_i / n`: the batch's
+    mean loss is `sum_i (n_i / n) * mean loss of part i`, so the parts' weighted gradients add up to the
+    batch's gradient (for per-sample losses; BatchNorm normalises each part by its own statistics)."""
+    if size is None or len(inputs) <= size:
+        return [(inputs, targets, 1.0)]
+    return [(x, y, len(x) / len(inputs)) for x, y in zip(inputs.split(size), targets.split(size))]
 
 
 def train_step(training: Training, inputs: torch.Tensor, targets: torch.Tensor,
                grad_clip: float = 0.0) -> torch.Tensor:
-    """One step: forward and backward at the model's current weights, optional gradient-norm
-    clipping, then the method's step.
+    """One step: forward and backward at the model's current weights (accumulated over the batch's
+    micro-batches, if any), optional gradient-norm clipping, then the method's step.
 
     The closure re-evaluates this batch's loss at whatever weights the method has set,
-    forward only (FOGZO's probes). Each probe sees the step's own randomness (the same
-    dropout and stochastic-depth draws as the forward that took the gradient, so that every
-    probe and the gradient measure one function of the weights), leaves the model's buffers
-    (BatchNorm's running statistics) as the training forward left them, and on several ranks
-    returns the loss of the whole global batch (the ranks' losses averaged)."""
+    forward only, over the same micro-batches (FOGZO's probes). Each probe sees the step's own
+    randomness (the same dropout and stochastic-depth draws as the forwards that took the
+    gradient, so that every probe and the gradient measure one function of the weights), leaves
+    the model's buffers (BatchNorm's running statistics) as the training forward left them, and on
+    several ranks returns the loss of the whole global batch (the ranks' losses averaged)."""
     method, model = training.method, training.model
     probing = method.extra_forward_passes() > 0
     rng_before = _rng_snapshot(inputs.device) if probing else None
-    loss = training.compute_loss(inputs, targets)
-    loss.backward()
+    parts = micro_batches(inputs, targets, training.micro_batch)
+    if len(parts) == 1:
+        loss = training.compute_loss(inputs, targets)
+        loss.backward()
+    else:
+        loss = torch.zeros((), device=inputs.device)
+        for index, (part_inputs, part_targets, share) in enumerate(parts):
+            with training.no_sync() if index < len(parts) - 1 else contextlib.nullcontext():
+                part_loss = share * training.compute_loss(part_inputs, part_targets)
+                part_loss.backward()  # the gradient is reduced over the ranks with the last part's backward
+            loss += part_loss.detach()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
     closure = None
@@ -181,7 +223,8 @@ def train_step(training: Training, inputs: torch.Tensor, targets: torch.Tensor,
         def closure() -> torch.Tensor:
             _rng_restore(rng_before)
             with torch.no_grad():
-                probe = reduce_tensor_(training.probe_loss(inputs, targets).detach().float(), "avg")
+                probe = sum(share * training.probe_loss(x, y).float() for x, y, share in parts)
+                probe = reduce_tensor_(probe, "avg")
             if buffers:
                 torch._foreach_copy_(buffers, kept)
             _rng_restore(rng_after)
@@ -224,7 +267,8 @@ class SteadyClock:
     def __init__(self, device: torch.device, warmup: int, saved: dict[str, Any] | None = None) -> None:
         self.device, self.warmup = device, warmup
         self.totals = {"steady_train_s": 0.0, "steady_steps": 0, "eval_s": 0.0, "checkpoint_s": 0.0,
-                       "checkpoints": 0, **(saved or {})}
+                       "checkpoints": 0, "data_wait_s": 0.0, **(saved or {})}
+        self.wall_before = self.totals.pop("wall_s", 0.0)  # the run's time in the processes before this one
         self.process_start = time.perf_counter()
         self.steps_here = 0
         self.stretch_start: float | None = None
@@ -252,11 +296,29 @@ class SteadyClock:
             self.totals["steady_steps"] += self.stretch_steps
         self.stretch_start = None
 
+    def snapshot(self) -> dict[str, Any]:
+        """The totals so far, with `wall_s`, the run's time since it first started, over every resume."""
+        return {**self.totals, "wall_s": self.wall_before + time.perf_counter() - self.process_start}
+
     def add(self, key: str, seconds: float) -> None:
         """Time spent outside training (evaluation, checkpoints); it is not training time."""
         self.totals[key] = self.totals.get(key, 0.0) + seconds
         if self.stretch_start is not None:
             self.paused += seconds
+
+
+def waited_on(batches: Any, clock: SteadyClock) -> Iterator[Any]:
+    """The items of `batches`, the time spent waiting for each (the loader's share of the step) added to
+    the clock's `data_wait_s`."""
+    iterator = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        clock.totals["data_wait_s"] += time.perf_counter() - start
+        yield item
 
 
 @dataclasses.dataclass
@@ -344,7 +406,6 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
             f"(epoch {position.epoch + 1}, resume {len(record.resumed)})")
     clock = SteadyClock(device, min(TIMING_WARMUP_STEPS, training.total_steps // 2),
                         saved["timing"] if saved is not None else None)
-    start = time.perf_counter()
     last_checkpoint = time.monotonic()
     progress = Progress(run.label, training.total_steps, options.progress_s if world.main else 0, log)
     step_log = StepLog(options.logs, files.record) if options.logs and files is not None and world.main else None
@@ -357,7 +418,8 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
             return
         so_far = {"history": record.history, "best_epoch_metric": record.best_epoch_metric,
                   "epochs_completed": record.epochs_completed, "resumed": record.resumed}
-        payload = checkpoint_payload(run, training, monitor, data.train, ranks, position, clock.totals, so_far)
+        payload = checkpoint_payload(run, training, monitor, data.train, ranks, position, clock.snapshot(),
+                                     so_far)
         seconds, size = checkpoint.save(files.checkpoint, payload)
         clock.add("checkpoint_s", seconds)
         clock.totals["checkpoints"] += 1
@@ -373,7 +435,8 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
                 model.train()
                 progress.begin_epoch(epoch, recipe.epochs, steps_per_epoch, position.step_in_epoch)
                 clock.begin()
-                for inputs, targets in itertools.islice(data.train, remaining):
+                epoch_start, wait_start = time.perf_counter(), clock.totals["data_wait_s"]
+                for inputs, targets in waited_on(itertools.islice(data.train, remaining), clock):
                     loss = train_step(training, inputs, targets, recipe.grad_clip)
                     monitor.after_step()
                     if step_log is not None:
@@ -395,6 +458,12 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
                             raise Stopped(signum, position.step)
                 clock.end()
                 progress.end_epoch()
+                waited_s = clock.totals["data_wait_s"] - wait_start
+                waited = waited_s / max(1e-9, time.perf_counter() - epoch_start)
+                if waited > DATA_WAIT_WARNING and waited_s >= DATA_WAIT_WARNING_MIN_S and world.main:
+                    log(f"[{run.label}] warning: training waited on its data loader {100 * waited:.0f}% of epoch "
+                        f"{epoch + 1}'s time: more loader workers (--task-arg workers=N), faster storage, or a "
+                        f"larger /dev/shm would speed it up")
             mean_loss = reduce_tensor_(loss_sum.clone(), "avg").item() / steps_per_epoch
             eval_start = time.perf_counter()
             metric = task.evaluate(model, data.test) if math.isfinite(mean_loss) else float("nan")
@@ -403,7 +472,7 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
             record.history.append({"epoch": epoch + 1, "train_loss": mean_loss, task.metric: metric,
                                    "lr": scheduler.get_last_lr()[0], **method.diagnostics(), **monitor.epoch_summary()})
             log(f"[{run.label}] epoch {epoch + 1}/{recipe.epochs} loss {mean_loss:.4f} {task.metric} {metric:.2f} "
-                f"({time.perf_counter() - start:.1f}s)")
+                f"({clock.snapshot()['wall_s']:.1f}s)")
             if not math.isfinite(mean_loss):
                 record.status, record.message = "diverged", f"non-finite training loss in epoch {epoch + 1}"
                 break
@@ -421,14 +490,15 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
         if step_log is not None:
             step_log.close(method.diagnostics())
 
-    timing = clock.totals
+    timing = clock.snapshot()
     timing["warmup_steps"] = clock.warmup
     timing["steady_step_ms"] = 1000 * timing["steady_train_s"] / max(1, timing["steady_steps"])
     if timing["steady_train_s"] > 0:
         timing["samples_per_s"] = timing["steady_steps"] * recipe.batch_size / timing["steady_train_s"]
         if task.tokens_per_sample():
             timing["tokens_per_s"] = timing["samples_per_s"] * task.tokens_per_sample()
-    timing["train_s"] = time.perf_counter() - start - timing["eval_s"]
+    timing["train_s"] = timing.pop("wall_s") - timing["eval_s"]  # over every resume, checkpoints included
+    timing["data_wait_share"] = timing["data_wait_s"] / max(1e-9, timing["train_s"] - timing["checkpoint_s"])
     record.timing = timing
 
 
@@ -483,9 +553,12 @@ def write_export(run: ResolvedRun, model: torch.nn.Module, method: Method, path:
 
 def new_record(run: ResolvedRun, command: str | None, world: World = World()) -> RunRecord:
     """The record of `run` before it trains (status `error` until it finishes); it says how many processes
-    and which devices train it."""
+    and which devices train it, and in how many micro-batches each process takes its part of a batch."""
     env = environment(run.device)
-    env.update(world_size=world.size, devices=gather(env["device_name"]))
+    per_process = run.recipe.batch_size // world.size
+    micro = min(run.spec.micro_batch or per_process, per_process)
+    env.update(world_size=world.size, devices=gather(env["device_name"]), micro_batch=micro,
+               accumulation_steps=math.ceil(per_process / max(1, micro)))
     return RunRecord(
         run_id=run.run_id, spec=run.identity, method=run.method_cls.name, task=run.task.name, bits=run.bits,
         seed=run.spec.seed, status="error", metric_name=run.task.metric, higher_is_better=run.task.higher_is_better,

@@ -90,14 +90,23 @@ def base_step_ops(optimizer: torch.optim.Optimizer) -> int:
     return counter.total("step")
 
 
-def refresh_ops(method: Any) -> int | None:
+HOST_DATA = "aten.lift_fresh.default"  # a tensor made from Python data (on CUDA, a copy from the host)
+
+
+def count_refresh(method: Any) -> DispatchCounter | None:
     """The operations of one level refresh of every quantized tensor, or None without levels."""
     if not hasattr(method, "refresh_levels") or getattr(method, "latent_flat", None) is None:
         return None
     counter = DispatchCounter()
     with counter, torch.no_grad():
         method.refresh_levels()
-    return counter.total("step")
+    return counter
+
+
+def refresh_ops(method: Any) -> int | None:
+    """The number of operations of one level refresh, or None without levels."""
+    counter = count_refresh(method)
+    return None if counter is None else counter.total("step")
 
 
 def use_foreach(optimizer: torch.optim.Optimizer) -> None:

@@ -58,6 +58,12 @@ class RunSpec:
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = param(
         "none", "torch.compile mode of the model")
     channels_last: bool = param(False, "conv weights and image batches in NHWC memory order")
+    micro_batch: int | None = param(
+        None, "samples per forward on each process, the recipe's batch accumulated over them (None: the whole "
+              "batch); not part of the identity: the same gradient up to float reassociation, except for "
+              "BatchNorm, whose statistics are a micro-batch's", ge=1)
+    tf32: bool = param(True, "on CUDA: TF32 for fp32 matrix multiplies and convolutions, cudnn.benchmark "
+                             "(False: full fp32 and deterministic convolution algorithms)")
 
 
 def make_spec(values: dict[str, Any], owner: str, noun: str = "option") -> RunSpec:
@@ -157,6 +163,7 @@ def resolve(spec: RunSpec) -> ResolvedRun:
             recipe.cuda_precision if device.type == "cuda" else "fp32"),
         "compile": spec.compile,
         "channels_last": spec.channels_last,
+        "tf32": spec.tf32 and device.type == "cuda",
     }
     return ResolvedRun(spec, method_cls, method_config, task, recipe, quantizer, device, identity)
 
@@ -209,7 +216,8 @@ def resolve_identity(identity: Any, device: str = "cpu") -> ResolvedRun:
                       "scheme": quantizer.get("scheme"), "granularity": quantizer.get("granularity"),
                       "epochs": recipe.get("epochs"), "batch_size": recipe.get("batch_size"), "lr": recipe.get("lr"),
                       "device": device, "precision": identity["precision"], "compile": identity["compile"],
-                      "channels_last": identity["channels_last"]}, "recorded run")
+                      "channels_last": identity["channels_last"],
+                      "tf32": identity.get("tf32", False)}, "recorded run")
     run = resolve(spec)
     for key in ("method_config", "task_config", "recipe_config", "quantizer", "precision"):
         if json.loads(json.dumps(run.base_identity[key])) != identity[key]:  # as JSON holds it: tuples are lists

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import platform
@@ -75,6 +76,8 @@ class PeakMemory:
 
     def start(self) -> None:
         if self.device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()  # what earlier runs of this process left cached is not this run's reserve
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
             _CLEAR_REFS.write_text("5")

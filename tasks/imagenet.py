@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import ClassVar
 
@@ -28,7 +29,18 @@ HOW_TO_GET_IMAGENET = (
 class ImageFolderConfig:
     image_size: int = param(224, "training crop / evaluation crop size in pixels", ge=16)
     num_classes: int = param(1000, "classes in the data set (ImageNet: 1000; checked against the folders)", ge=2)
-    workers: int = param(8, "DataLoader worker processes", ge=0)
+    workers: int | None = param(None, "DataLoader worker processes (none: this process's share of the CPU cores "
+                                      "it may use, the cores divided among the local ranks)", ge=0)
+
+
+def default_workers() -> int:
+    """The loader workers of one process when none are asked for: the CPU cores this process may run on
+    (its affinity, which SLURM and containers restrict) divided among the ranks on this machine (torchrun's
+    LOCAL_WORLD_SIZE), at least 1. Decoding and augmenting JPEGs is the usual bottleneck of ImageNet training,
+    so every available core decodes; each worker's batches pass through shared memory (/dev/shm)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    local_ranks = int(local) if local.isdigit() and int(local) > 0 else 1
+    return max(1, len(os.sched_getaffinity(0)) // local_ranks)
 
 
 def locate_image_folders(data_root: Path | None) -> DataSource:
@@ -66,13 +78,13 @@ def folder_loaders(task: Task, train, val, device: torch.device, batch_size: int
     functions of (the run's seed, e, the sample), so a resumed run loads exactly the batches it would have
     (`EpochBatchSampler`, `SeededSamples`); the loaders' own generator keeps them off the global RNG."""
     seed = generator.initial_seed()
+    workers = default_workers() if task.config.workers is None else task.config.workers
 
     def loader(split, shuffle: bool, drop_last: bool) -> torch.utils.data.DataLoader:
         sampler = EpochBatchSampler(len(split), batch_size, seed, shuffle, drop_last)
         return torch.utils.data.DataLoader(
             SeededSamples(split), batch_sampler=sampler, generator=torch.Generator().manual_seed(seed),
-            num_workers=task.config.workers, pin_memory=device.type == "cuda",
-            persistent_workers=task.config.workers > 0)
+            num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
     train_loader, val_loader = loader(train, True, True), loader(val, False, False)
     return TaskData(train=DeviceLoader(train_loader, device, train_batch_transform),

@@ -157,6 +157,7 @@ class LlamaTask(Task):
     higher_is_better = False
     default_granularity = "channel"
     size: ClassVar[LlamaSize] = LlamaSize(256, 8, 4, 688)
+    eval_logits_bytes: ClassVar[int] = 1 << 30  # the evaluation's bound on its logits alive at once
 
     def __init__(self, config: LlamaTaskConfig) -> None:
         super().__init__(config)
@@ -175,7 +176,8 @@ class LlamaTask(Task):
         config = transformers.LlamaConfig(
             vocab_size=self.tokenizer.vocab_size, hidden_size=size.hidden, intermediate_size=size.intermediate,
             num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.heads,
-            max_position_embeddings=self.config.seq_len, tie_word_embeddings=False)
+            max_position_embeddings=self.config.seq_len, tie_word_embeddings=False,
+            use_cache=False)  # no key/value cache: training and evaluation see whole windows, nothing is generated
         return transformers.LlamaForCausalLM(config)
 
     def is_quantized(self, name: str, parameter: nn.Parameter) -> bool:
@@ -191,17 +193,27 @@ class LlamaTask(Task):
         logits = output.logits if hasattr(output, "logits") else output
         return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
 
+    def eval_rows(self, seq_len: int) -> int:
+        """Windows per evaluation forward: as many as keep their fp32 logits (rows x seq_len x vocabulary x 4
+        bytes) within `eval_logits_bytes`, at least one. At a 32k vocabulary a 512-token window's logits
+        take 64 MiB, so the recipe's batch of 256 is evaluated 16 windows at a time."""
+        return max(1, self.eval_logits_bytes // (seq_len * self.tokenizer.vocab_size * 4))
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches) -> float:
-        """exp(mean next-token cross-entropy over the whole held-out split)."""
+        """exp(mean next-token cross-entropy over the whole held-out split), the logits of at most
+        `eval_rows` windows alive at once."""
         was_training = model.training
         model.eval()
         sums = None  # (summed loss, tokens), float64 on the device
-        for inputs, targets in batches:
-            logits = model(inputs).logits
-            summed = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
-            batch = torch.stack([summed.double(), summed.new_tensor(targets.numel(), dtype=torch.float64)])
-            sums = batch if sums is None else sums + batch
+        for batch_inputs, batch_targets in batches:
+            rows = self.eval_rows(batch_inputs.shape[1])
+            for inputs, targets in zip(batch_inputs.split(rows), batch_targets.split(rows)):
+                logits = model(inputs).logits
+                summed = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                                     reduction="sum")
+                part = torch.stack([summed.double(), summed.new_tensor(targets.numel(), dtype=torch.float64)])
+                sums = part if sums is None else sums + part
         model.train(was_training)
         total, count = reduce_tensor_(sums).tolist()
         return math.exp(total / count)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from qatbench.results import load_records
+
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 REAL_DATA = pytest.mark.realdata(pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.is_dir(),
                                                     reason="Debian's dataset-fashion-mnist is not installed"))
@@ -130,3 +132,33 @@ def smoke_run(tmp_path: Path, *argv: str) -> dict:
     assert record["status"] == "ok"
     assert record["exactness"]["passed"] is (None if record["bits"] is None else True)  # fp has nothing to check
     return record
+
+
+def exports(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """method -> its exported tensors, for every record under `out`."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for record in load_records([out]):
+        with safe_open(str(out / record.task / record.export["file"]), "pt") as f:
+            tensors[record.method] = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors
+
+
+def assert_same_training(reference: Path, other: Path) -> list:
+    """The runs under `other` are those under `reference` (same ids) and trained to the same result: equal
+    metrics, losses within 1e-5, the same level of every quantized weight, other weights within 1e-5. Returns
+    the records of `other`."""
+    one, two = load_records([reference]), load_records([other])
+    assert {r.run_id for r in one} == {r.run_id for r in two}  # how a run is executed is not its identity
+    for a, b in zip(sorted(one, key=lambda r: r.method), sorted(two, key=lambda r: r.method)):
+        assert a.metric == b.metric and a.history[-1][a.metric_name] == b.history[-1][b.metric_name], a.method
+        assert [h["train_loss"] for h in a.history] == pytest.approx([h["train_loss"] for h in b.history], abs=1e-5)
+    exports_one, exports_two = exports(reference), exports(other)
+    for method, tensors in exports_one.items():
+        for name, tensor in tensors.items():
+            if name.endswith(".indices"):  # training ended on the same level of every weight
+                assert torch.equal(tensor, exports_two[method][name]), (method, name)
+            else:
+                torch.testing.assert_close(tensor, exports_two[method][name], rtol=0, atol=1e-5)
+    return two

@@ -41,3 +41,28 @@ def test_bench_command_prints_the_table_and_writes_a_record(idx_root, isolated_d
 def test_bench_rejects_zero_steps(capsys):
     assert main(["bench", "--task", "mnist-mlp", "--steps", "0"]) == 2
     assert "--steps 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_each_methods_peak_is_measured_with_nothing_else_of_the_bench_alive(idx_root, isolated_data_env, monkeypatch):
+    import gc
+    import weakref
+
+    import qatbench.bench as bench_module
+
+    built, entries = [], []
+    build, peak = bench_module._build, bench_module._peak_allocated_mb
+
+    def tracked_build(*args):
+        contender = build(*args)
+        built.append(weakref.ref(contender.training.model))
+        return contender
+
+    def checked_peak(*args):
+        gc.collect()
+        entries.append(sum(ref() is not None for ref in built))  # models still alive when a peak starts
+        return peak(*args)
+
+    monkeypatch.setattr(bench_module, "_build", tracked_build)
+    monkeypatch.setattr(bench_module, "_peak_allocated_mb", checked_peak)
+    bench(_specs("ste", "parq"), steps=2, warmup=1, rounds=1, data_root=idx_root, download=False)
+    assert len(built) >= 3 and entries == [0, 0, 0]

@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import signal
 
-import pytest
 import torch
-from safetensors import safe_open
 
 from qatbench.cli import main
 from qatbench.results import load_records
+from tests.conftest import assert_same_training, exports
 from tests.test_lifecycle import qatbench_process, stalled_process
 
 MLP = ["--task", "mnist-mlp", "--recipe", "smoke", "--epochs", "5", "--no-download"]  # 4 steps of 128 an epoch
-
-
-def _exports(out):
-    tensors = {}
-    for record in load_records([out]):
-        with safe_open(str(out / record.task / record.export["file"]), "pt") as f:
-            tensors[record.method] = {k: f.get_tensor(k) for k in f.keys()}
-    return tensors
 
 
 def _torchrun(argv, timeout=300):
@@ -35,19 +26,17 @@ def test_two_gloo_ranks_train_what_one_process_trains(idx_root, isolated_data_en
     assert main([*argv, "--out", str(tmp_path / "one")]) == 0
     code, output = _torchrun([*argv, "--out", str(tmp_path / "two")])
     assert code == 0 and "4 runs on 2 processes each, 4 ok" in output, output
-    one, two = load_records([tmp_path / "one"]), load_records([tmp_path / "two"])
-    assert {r.run_id for r in one} == {r.run_id for r in two}  # the world size is not part of a run's identity
-    for a, b in zip(sorted(one, key=lambda r: r.method), sorted(two, key=lambda r: r.method)):
-        assert b.environment["world_size"] == 2 and len(b.environment["devices"]) == 2
-        assert a.metric == b.metric and a.history[-1]["top1"] == b.history[-1]["top1"], a.method
-        assert [h["train_loss"] for h in a.history] == pytest.approx([h["train_loss"] for h in b.history], abs=1e-5)
-    exports_one, exports_two = _exports(tmp_path / "one"), _exports(tmp_path / "two")
-    for method, tensors in exports_one.items():
-        for name, tensor in tensors.items():
-            if name.endswith(".indices"):  # the 20 steps ended on the same level of every weight
-                assert torch.equal(tensor, exports_two[method][name]), (method, name)
-            else:
-                torch.testing.assert_close(tensor, exports_two[method][name], rtol=0, atol=1e-5)
+    two = assert_same_training(tmp_path / "one", tmp_path / "two")
+    assert all(r.environment["world_size"] == 2 and len(r.environment["devices"]) == 2 for r in two)
+
+
+def test_two_ranks_accumulating_micro_batches_train_what_one_process_trains(idx_root, isolated_data_env, tmp_path):
+    argv = ["run", "--method", "fogzo", *MLP, "--bits", "2", "--data-root", str(idx_root)]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    code, output = _torchrun([*argv, "--out", str(tmp_path / "two"), "--micro-batch", "40"])  # 40 + 24 on each rank
+    assert code == 0, output
+    [record] = assert_same_training(tmp_path / "one", tmp_path / "two")
+    assert record.environment["accumulation_steps"] == 2
 
 
 def test_two_ranks_stop_on_sigterm_checkpoint_and_resume_to_the_same_result(idx_root, isolated_data_env, tmp_path):
@@ -68,5 +57,5 @@ def test_two_ranks_stop_on_sigterm_checkpoint_and_resume_to_the_same_result(idx_
     assert code == 0 and "resumed from" in output and "at step 12" in output, output
     [reference], [resumed] = load_records([tmp_path / "reference"]), load_records([out])
     assert resumed.metric == reference.metric and resumed.history == reference.history
-    for name, tensor in _exports(tmp_path / "reference")["parq"].items():
-        assert torch.equal(tensor, _exports(out)["parq"][name]), name
+    for name, tensor in exports(tmp_path / "reference")["parq"].items():
+        assert torch.equal(tensor, exports(out)["parq"][name]), name

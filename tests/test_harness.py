@@ -1,14 +1,17 @@
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
 
 from qatbench.errors import QatbenchError
-from qatbench.harness import execute, run_all
+from qatbench.cli import main
+from qatbench.harness import execute, micro_batches, run_all
 from qatbench.spec import RunSpec, resolve
 from qatbench.registry import METHODS
 from qatbench.results import read_record
+from tests.conftest import assert_same_training
 
 
 def _run(method="parq", bits=2, **overrides):
@@ -164,3 +167,77 @@ def test_probes_replay_the_steps_dropout_and_leave_batchnorm_statistics_alone():
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(model[1], name), getattr(reference[1], name)), name
     assert torch.equal(after_step, torch.get_rng_state())  # the probes drew nothing more
+
+
+def test_micro_batches_accumulate_the_gradient_of_the_whole_batch(idx_root, isolated_data_env, tmp_path):
+    argv = ["run", "--method", "fp", "ste", "parq", "fogzo", "--task", "mnist-mlp", "--recipe", "smoke",
+            "--epochs", "5", "--bits", "2", "--data-root", str(idx_root), "--no-download"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "parts"), "--micro-batch", "48"]) == 0  # 48 + 48 + 32 of 128
+    parts = assert_same_training(tmp_path / "whole", tmp_path / "parts")
+    assert all(r.environment["micro_batch"] == 48 and r.environment["accumulation_steps"] == 3 for r in parts)
+
+
+def test_micro_batches_share_the_batch_by_size():
+    inputs, targets = torch.arange(10.0)[:, None], torch.arange(10)
+    parts = micro_batches(inputs, targets, 4)
+    assert [len(x) for x, _, _ in parts] == [4, 4, 2] and [s for _, _, s in parts] == [0.4, 0.4, 0.2]
+    assert torch.equal(torch.cat([y for _, y, _ in parts]), targets)
+    [(whole, _, share)] = micro_batches(inputs, targets, 10)
+    assert whole is inputs and share == 1.0
+
+
+class _SlowBatches:
+    """A task's training batches, each one handed over late, as from a loader that cannot keep up."""
+
+    def __init__(self, batches, delay_s):
+        self.batches, self.delay_s = batches, delay_s
+
+    def __getattr__(self, name):
+        return getattr(self.batches, name)
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            time.sleep(self.delay_s)
+            yield batch
+
+
+def test_the_time_spent_waiting_on_the_loader_is_recorded_and_warned_about(idx_root, isolated_data_env, monkeypatch):
+    run = _run()
+    load_data = run.task.load_data
+
+    def slow(*args, **kwargs):
+        data = load_data(*args, **kwargs)
+        data.train = _SlowBatches(data.train, 0.2)
+        return data
+
+    monkeypatch.setattr(run.task, "load_data", slow)
+    lines = []
+    record = execute(run, data_root=idx_root, download=False, log=lines.append)
+    assert record.status == "ok" and record.timing["data_wait_s"] >= 4 * 0.2  # 4 steps, each waited for
+    assert 0.1 < record.timing["data_wait_share"] <= 1
+    assert any("waited on its data loader" in line and "workers" in line for line in lines), lines
+
+
+def test_a_loader_that_keeps_up_is_not_warned_about(idx_root, isolated_data_env):
+    lines = []
+    record = execute(_run(), data_root=idx_root, download=False, log=lines.append)
+    assert 0 <= record.timing["data_wait_s"] < record.timing["train_s"]
+    assert not any("waited on its data loader" in line for line in lines)
+
+
+def test_the_memory_peak_starts_once_the_data_is_resident(idx_root, isolated_data_env, monkeypatch):
+    import qatbench.harness as harness
+
+    run, events = _run(), []
+    load_data = run.task.load_data
+    start, build_training = harness.PeakMemory.start, harness.build_training
+    monkeypatch.setattr(run.task, "load_data", lambda *a, **k: (events.append("data"), load_data(*a, **k))[1])
+    monkeypatch.setattr(harness.PeakMemory, "start", lambda self: (events.append("peak reset"), start(self))[1])
+    monkeypatch.setattr(harness, "build_training",
+                        lambda *a, **k: (events.append("model"), build_training(*a, **k))[1])
+    assert execute(run, data_root=idx_root, download=False).status == "ok"
+    assert events == ["data", "peak reset", "model"]

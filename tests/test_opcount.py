@@ -4,9 +4,9 @@ the device outside level refreshes (so it never waits on the host and a CUDA gra
 import pytest
 import torch
 
-from qatbench.opcount import base_step_ops, count_step, refresh_ops, use_foreach
+from qatbench.opcount import HOST_DATA, base_step_ops, count_refresh, count_step, refresh_ops, use_foreach
 from qatbench.params import build_config
-from qatbench.quant import QuantizerConfig
+from qatbench.quant import TERNARY, QuantizerConfig
 from qatbench.registry import METHODS
 
 RESNET20 = ([(16, 3, 3, 3)] + [(16, 16, 3, 3)] * 6 + [(32, 16, 3, 3)] + [(32, 32, 3, 3)] * 5
@@ -14,14 +14,18 @@ RESNET20 = ([(16, 3, 3, 3)] + [(16, 16, 3, 3)] * 6 + [(32, 16, 3, 3)] + [(32, 32
 TARGET = {"ste": 40, "binaryrelax": 40, "parq": 40, "talr": 60, "fogzo": 60, "nspsa": 60}  # over the base step
 
 
-def _counted_step(name, shapes, scheme, granularity):
+def _method(name, shapes, quantizer):
     generator = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(0.1 * torch.randn(s, generator=generator)) for s in shapes]
     optimizer = torch.optim.SGD([{"params": params, "quant": True}], lr=0.01, momentum=0.9, weight_decay=1e-4)
     use_foreach(optimizer)
     cls = METHODS.get(name)
-    method = cls(build_config(cls.Config, {}, name), optimizer,
-                 QuantizerConfig(bits=2, scheme=scheme, granularity=granularity), 10**6, generator)
+    return cls(build_config(cls.Config, {}, name), optimizer, quantizer, 10**6, generator), params, optimizer
+
+
+def _counted_step(name, shapes, scheme, granularity):
+    quantizer = QuantizerConfig(bits=2, scheme=scheme, granularity=granularity)
+    method, params, optimizer = _method(name, shapes, quantizer)
 
     def closure():  # a stand-in forward: one operation, counted apart from the method's
         return params[0].sum()
@@ -52,3 +56,15 @@ def test_the_operations_do_not_grow_with_the_number_of_tensors(name, scheme):
     large, large_base, large_refresh = _counted_step(name, RESNET20 * 3, scheme, "channel")
     assert small.total("step") - small_base == large.total("step") - large_base
     assert small_refresh == large_refresh and small_refresh < 60
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, TERNARY])
+@pytest.mark.parametrize("scheme", ["uniform", "lsbq"])
+def test_a_level_refresh_builds_nothing_from_python_data_and_reads_nothing_back(scheme, bits):
+    method, params, _ = _method("parq", RESNET20, QuantizerConfig(bits=bits, scheme=scheme, granularity="channel"))
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    method.step(None)  # QAT starts: the latent copies and their tables exist
+    counter = count_refresh(method)
+    assert counter.total("step") > 0
+    assert counter.counts["step"][HOST_DATA] == 0 and counter.host_reads() == 0, dict(counter.counts["step"])

@@ -1,6 +1,7 @@
 import shutil
 
 import pytest
+import torch
 
 from qatbench.errors import QatbenchError
 from qatbench.harness import execute
@@ -72,6 +73,22 @@ def test_speed_options_change_the_identity_and_bad_values_are_rejected():
         _run(precision="fp8")
     with pytest.raises(QatbenchError, match="did you mean 'reduce-overhead'"):
         _run(compile="reduce_overhead")
+
+
+def test_tf32_is_in_the_identity_as_it_acts_off_on_the_cpu():
+    assert _run().base_identity["tf32"] is False and _run(tf32=False).base_identity == _run().base_identity
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 and cudnn.benchmark act on CUDA only")
+def test_tf32_on_cuda_changes_the_identity_and_the_process_settings():
+    from qatbench.harness import prepare_device
+
+    fast, exact = _run(device="cuda"), _run(device="cuda", tf32=False)
+    assert fast.base_identity["tf32"] is True and exact.base_identity != fast.base_identity
+    prepare_device(fast)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.benchmark
+    prepare_device(exact)
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.benchmark
 
 
 def test_strings_from_a_command_line_or_a_sweep_file_coerce_by_the_schema():

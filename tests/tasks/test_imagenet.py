@@ -51,3 +51,16 @@ def test_smoke_run_through_the_cli(task, image_root, isolated_data_env, tmp_path
                        "num_classes=3", "--task-arg", "image_size=32", "--task-arg", "workers=0",
                        "--data-root", str(image_root))
     assert record["exactness"]["granularity"] == "channel"
+
+
+def test_loader_workers_default_to_this_ranks_share_of_the_cores(monkeypatch):
+    from qatbench.tasks.imagenet import default_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_workers() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert default_workers() == 1
+    assert _task("imagenet-resnet18").config.workers is None  # the same run identity on every machine

@@ -111,6 +111,34 @@ def test_perplexity_of_uniform_predictions_is_the_vocabulary_size():
     assert value == pytest.approx(256.0)
 
 
+def test_evaluation_holds_the_logits_of_a_few_windows_at_a_time_and_sums_the_same():
+    class Seen(torch.nn.Module):  # logits that depend on the input, and the largest batch it was given
+        rows = 0
+
+        def forward(self, inputs):
+            Seen.rows = max(Seen.rows, len(inputs))
+            logits = torch.nn.functional.one_hot(inputs.long(), 256).float() * 3.0
+            return type("Out", (), {"logits": logits})()
+
+    tokens = torch.randint(0, 256, (1000,), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    task = _task()
+    whole = task.evaluate(Seen(), HeldOutWindows(tokens, 16, 8))
+    assert Seen.rows == 16
+    task.eval_logits_bytes = 3 * 8 * 256 * 4  # three windows' logits
+    assert task.eval_rows(8) == 3
+    Seen.rows = 0
+    assert task.evaluate(Seen(), HeldOutWindows(tokens, 16, 8)) == pytest.approx(whole, rel=1e-6)  # fp32 sums, reassociated
+    assert Seen.rows == 3
+
+
+@needs_transformers
+def test_the_model_keeps_no_key_value_cache():
+    model = _task().build_model()
+    assert model.config.use_cache is False
+    output = model(torch.randint(0, 256, (2, 8)))
+    assert getattr(output, "past_key_values", None) is None
+
+
 @needs_transformers
 @pytest.mark.parametrize("name", sorted(SIZES))
 def test_parameter_count_of_each_size(name):
