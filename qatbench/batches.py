@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -157,7 +158,8 @@ class SeededSamples(torch.utils.data.Dataset):
 class DeviceLoader:
     """A `torch.utils.data.DataLoader` over an `EpochBatchSampler` (for data sets too large for device memory)
     whose batches arrive on `device`, optionally transformed there (mixup, CutMix); resumable and shardable
-    through its sampler."""
+    through its sampler. `waited_s` is the time spent waiting for the loader's worker processes (the harness
+    reports it as the run's data wait); device-resident batches (`TensorBatches`) never wait and have none."""
 
     def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device,
                  transform: BatchTransform | None = None) -> None:
@@ -167,6 +169,7 @@ class DeviceLoader:
         self.sampler: EpochBatchSampler = loader.batch_sampler
         self._position = 0
         self._resume = False
+        self.waited_s = 0.0
 
     def shard(self, rank: int, world: int) -> None:
         self.sampler.rank, self.sampler.world = rank, world
@@ -183,7 +186,14 @@ class DeviceLoader:
             self._position = 0
         self.sampler.start = self._position
         self._resume = False
-        for inputs, targets in self.loader:
+        batches = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                inputs, targets = next(batches)
+            except StopIteration:
+                return
+            self.waited_s += time.perf_counter() - start
             self._position += 1
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)

@@ -112,15 +112,18 @@ class _PoolWorker:
 
 
 def _start_worker(slots: Any, stopping: Any) -> None:
-    """Pool worker initializer: take a device slot (a CUDA_VISIBLE_DEVICES value), if there are any, and
-    keep the sweep's stop flag. Between runs the worker ignores stop signals (a run routes them to its
-    checkpoint), so that a stop passed on by the pool's owner never kills an idle worker and breaks the pool."""
+    """Pool worker initializer: take a slot (a CUDA_VISIBLE_DEVICES value, if there are GPUs, and a share of
+    the CPU cores, which sizes the run's data loaders and threads) and keep the sweep's stop flag. Between
+    runs the worker ignores stop signals (a run routes them to its checkpoint), so that a stop passed on by
+    the pool's owner never kills an idle worker and breaks the pool."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     _PoolWorker.stopping = stopping
-    slot = slots.get()
-    if slot is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = slot
+    devices, cores = slots.get()
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    if cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)
 
 
 def _work(spec: Any, settings: Settings, per_run: int) -> str | None:
@@ -130,12 +133,19 @@ def _work(spec: Any, settings: Settings, per_run: int) -> str | None:
         return None
     if per_run == 1:
         return run_one(spec, settings)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=per_run, rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn",
                           run_id=f"qatbench-{os.getpid()}")
-    return elastic_launch(config, run_one)(spec, settings)[0]
+    try:
+        return elastic_launch(config, run_one)(spec, settings)[0]
+    except SignalException as err:  # the agent stopped its ranks (they checkpointed); not picklable as it is
+        raise Stopped(int(err.sigval)) from None
+    finally:
+        for signum in STOP_SIGNALS:  # the agent installed its own handlers: idle again, ignore stops
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def device_slots(device_type: str, workers: int, per_run: int) -> list[str | None]:
@@ -152,6 +162,17 @@ def device_slots(device_type: str, workers: int, per_run: int) -> list[str | Non
     return [groups[i % len(groups)] for i in range(workers)]
 
 
+def core_shares(workers: int) -> list[list[int]]:
+    """Each of `workers` workers' CPU cores: contiguous, disjoint shares of this process's cores (shared
+    round robin when there are more workers than cores); none where the platform cannot pin processes."""
+    if not hasattr(os, "sched_getaffinity"):
+        return [[] for _ in range(workers)]
+    cores = sorted(os.sched_getaffinity(0))
+    if workers >= len(cores):
+        return [[cores[i % len(cores)]] for i in range(workers)]
+    return [cores[i * len(cores) // workers:(i + 1) * len(cores) // workers] for i in range(workers)]
+
+
 def run_local(specs: list[Any], settings: Settings, workers: int, per_run: int, log: Any = print) -> list[str]:
     """Every run of `specs` on a pool of `workers` processes (each pinned to its devices); the summary lines.
 
@@ -165,7 +186,7 @@ def run_local(specs: list[Any], settings: Settings, workers: int, per_run: int, 
         specs = [dataclasses.replace(s, device="cuda") for s in specs]  # each worker sees only its own GPUs
     context = multiprocessing.get_context("spawn")
     slots, stopping = context.Queue(), context.Event()
-    for slot in device_slots(device_type, workers, per_run):
+    for slot in zip(device_slots(device_type, workers, per_run), core_shares(workers)):
         slots.put(slot)
     lines: list[str] = []
     with stop_signals() as stop, concurrent.futures.ProcessPoolExecutor(
@@ -176,20 +197,26 @@ def run_local(specs: list[Any], settings: Settings, workers: int, per_run: int, 
             done, pending = concurrent.futures.wait(pending, timeout=0.5,
                                                     return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
-                if future.cancelled() or (future.exception() is None and future.result() is None):
+                error = None if future.cancelled() else future.exception()
+                if future.cancelled() or (error is None and future.result() is None):
                     continue
-                if isinstance(future.exception(), Stopped):  # its record says `interrupted`
-                    log(f"a run was {future.exception()}")
+                if isinstance(error, Stopped):  # its record says `interrupted`
+                    log(f"a run was {error}")
                     continue
-                lines.append(future.result())
+                lines.append(future.result() if error is None else f"a run failed before training: {error}")
                 log(lines[-1])
-            if stop and not forwarded:
+            if stop:
+                if not forwarded:
+                    stopping.set()  # a run already handed to a worker does not start
+                    for future in pending:
+                        future.cancel()
+                if not forwarded or per_run == 1:
+                    # passed on again every half second: a worker between taking a run and routing stop signals
+                    # to it ignores them, and a run ignores all but the first; torchrun's agents get it once
+                    # (as SIGTERM, which they pass on to their ranks)
+                    for child in multiprocessing.active_children():  # the pool's workers: this process's only children
+                        os.kill(child.pid, stop.signum if per_run == 1 else signal.SIGTERM)
                 forwarded = True
-                stopping.set()  # a run already handed to a worker does not start
-                for future in pending:
-                    future.cancel()
-                for child in multiprocessing.active_children():  # the pool's workers: this process's only children
-                    os.kill(child.pid, stop.signum)
     if stop:
         raise Stopped(stop.signum)
     return lines

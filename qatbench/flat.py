@@ -24,14 +24,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .quant import TERNARY, QuantizerConfig, as_rows, grid_coefficients, num_levels
-
-RowReduce = Callable[[Tensor, str], Tensor]  # reduces per-row statistics over ranks (FSDP): (values, "sum"|"max")
 
 
 class FlatLayout:
@@ -146,12 +143,10 @@ def make_levels(table: Tensor, steps: Tensor | None, layout: FlatLayout) -> Flat
 class FlatQuantizer:
     """The shared quantizer (`qatbench.quant`) over a whole flat layout: levels, hard quantization, indices.
 
-    Its constants (the grid coefficients, LSBQ's sign patterns) are made once, on the layout's device.
-    `reduce`, when given, combines per-row sums and maxima over the ranks that hold parts of each row
-    (FSDP with per-tensor levels), so the levels equal those of the unsharded tensors."""
+    Its constants (the grid coefficients, LSBQ's sign patterns) are made once, on the layout's device."""
 
-    def __init__(self, config: QuantizerConfig, layout: FlatLayout, reduce: RowReduce | None = None) -> None:
-        self.config, self.layout, self.reduce = config, layout, reduce
+    def __init__(self, config: QuantizerConfig, layout: FlatLayout) -> None:
+        self.config, self.layout = config, layout
         self.m = num_levels(config.bits)
         self.first = -(self.m - 1) / 2
         device, dtype = layout.device, layout.dtype
@@ -159,22 +154,18 @@ class FlatQuantizer:
         self.signs = (torch.tensor(list(itertools.product((-1.0, 1.0), repeat=config.bits)), dtype=dtype,
                                    device=device).T.contiguous() if config.bits != TERNARY else None)
         self.ternary_lsbq = torch.tensor([-1.0, 0.0, 1.0], dtype=dtype, device=device)
-        counts = layout.row_reduce(torch.ones(layout.numel, dtype=dtype, device=device), "sum")
-        self.row_counts = self._reduced(counts, "sum")
+        self.row_counts = layout.row_reduce(torch.ones(layout.numel, dtype=dtype, device=device), "sum")
         # where each element's row starts in the searched tables (int32), for level sets that are searched
         self.row_start = layout.row_index().mul_(search_stride(self.m)) if config.scheme != "uniform" else None
 
-    def _reduced(self, values: Tensor, op: str) -> Tensor:
-        return self.reduce(values, op) if self.reduce is not None else values
-
     def _row_mean_abs(self, flat: Tensor) -> Tensor:
-        return self._reduced(self.layout.row_reduce(flat.abs(), "sum"), "sum") / self.row_counts
+        return self.layout.row_reduce(flat.abs(), "sum") / self.row_counts
 
     def levels(self, latent: Tensor) -> FlatLevels:
         """The levels of every row of the flat `latent` buffer."""
         if self.config.scheme == "lsbq":
             return make_levels(self._lsbq_table(latent), None, self.layout)
-        amax = self._reduced(self.layout.row_reduce(latent.abs(), "max"), "max")
+        amax = self.layout.row_reduce(latent.abs(), "max")
         if self.config.bits == TERNARY:
             q_max, half_range = amax, 1.5
         else:

@@ -20,7 +20,7 @@ import itertools
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +269,7 @@ class SteadyClock:
         self.totals = {"steady_train_s": 0.0, "steady_steps": 0, "eval_s": 0.0, "checkpoint_s": 0.0,
                        "checkpoints": 0, "data_wait_s": 0.0, **(saved or {})}
         self.wall_before = self.totals.pop("wall_s", 0.0)  # the run's time in the processes before this one
+        self.loader_waited_s = 0.0  # the training loader's own count of its waits, as far as it was added
         self.process_start = time.perf_counter()
         self.steps_here = 0
         self.stretch_start: float | None = None
@@ -307,17 +308,15 @@ class SteadyClock:
             self.paused += seconds
 
 
-def waited_on(batches: Any, clock: SteadyClock) -> Iterator[Any]:
-    """The items of `batches`, the time spent waiting for each (the loader's share of the step) added to
-    the clock's `data_wait_s`."""
-    iterator = iter(batches)
-    while True:
-        start = time.perf_counter()
-        try:
-            item = next(iterator)
-        except StopIteration:
-            return
-        clock.totals["data_wait_s"] += time.perf_counter() - start
+def waited_on(batches: Iterable[Any], loader: Any, clock: SteadyClock) -> Iterator[Any]:
+    """The items of `batches` (drawn from `loader`), with the time the loader made each one wait for its
+    worker processes (its `waited_s`, where it keeps one) added to the clock's `data_wait_s`."""
+    if not hasattr(loader, "waited_s"):  # data on the device: nothing to wait for
+        yield from batches
+        return
+    for item in batches:
+        clock.totals["data_wait_s"] += loader.waited_s - clock.loader_waited_s
+        clock.loader_waited_s = loader.waited_s
         yield item
 
 
@@ -436,7 +435,7 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
                 progress.begin_epoch(epoch, recipe.epochs, steps_per_epoch, position.step_in_epoch)
                 clock.begin()
                 epoch_start, wait_start = time.perf_counter(), clock.totals["data_wait_s"]
-                for inputs, targets in waited_on(itertools.islice(data.train, remaining), clock):
+                for inputs, targets in waited_on(itertools.islice(data.train, remaining), data.train, clock):
                     loss = train_step(training, inputs, targets, recipe.grad_clip)
                     monitor.after_step()
                     if step_log is not None:

@@ -223,5 +223,10 @@ def resolve_identity(identity: Any, device: str = "cpu") -> ResolvedRun:
         if json.loads(json.dumps(run.base_identity[key])) != identity[key]:  # as JSON holds it: tuples are lists
             raise QatbenchError(f"the recorded run's {key} is not what this qatbench resolves it to "
                                 f"({identity[key]!r} vs {run.base_identity[key]!r}): the code has changed since")
-    run.base_identity.update(device_type=identity.get("device_type"), init=identity.get("init"))
+    # where it ran: a CUDA run rebuilt on the CPU keeps its recorded device type and TF32 setting (and a
+    # record from before the TF32 setting existed has none), so the rebuilt identity hashes to its run id
+    run.base_identity.update(device_type=identity.get("device_type"), init=identity.get("init"),
+                             tf32=identity.get("tf32"))
+    if "tf32" not in identity:
+        del run.base_identity["tf32"]
     return run

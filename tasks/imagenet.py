@@ -34,13 +34,15 @@ class ImageFolderConfig:
 
 
 def default_workers() -> int:
-    """The loader workers of one process when none are asked for: the CPU cores this process may run on
-    (its affinity, which SLURM and containers restrict) divided among the ranks on this machine (torchrun's
-    LOCAL_WORLD_SIZE), at least 1. Decoding and augmenting JPEGs is the usual bottleneck of ImageNet training,
-    so every available core decodes; each worker's batches pass through shared memory (/dev/shm)."""
+    """The loader workers of one process when none are asked for: the CPU cores this process may run on (its
+    affinity, which SLURM, containers and `qatbench sweep --executor local` restrict), divided among the ranks
+    that torchrun started on this machine (LOCAL_WORLD_SIZE; under SLURM each task has its own cores already),
+    at least 1. Decoding and augmenting JPEGs is the usual bottleneck of ImageNet training, so every available
+    core decodes; each worker's batches pass through shared memory (/dev/shm)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    local_ranks = int(local) if local.isdigit() and int(local) > 0 else 1
-    return max(1, len(os.sched_getaffinity(0)) // local_ranks)
+    sharing = int(local) if local.isdigit() and int(local) > 0 and "SLURM_STEP_ID" not in os.environ else 1
+    return max(1, cores // sharing)
 
 
 def locate_image_folders(data_root: Path | None) -> DataSource:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from qatbench.cli import main
-from qatbench.executors import device_slots
+from qatbench.executors import core_shares, device_slots
 from qatbench.results import load_records, read_record
 
 from .test_lifecycle import stalled_process
@@ -102,6 +102,13 @@ def test_workers_are_dealt_disjoint_device_groups(monkeypatch):
     assert device_slots("cpu", 3, 1) == [None, None, None]
 
 
+def test_pool_workers_get_disjoint_shares_of_the_cores(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16, 32)))
+    assert core_shares(4) == [list(range(16, 20)), list(range(20, 24)), list(range(24, 28)), list(range(28, 32))]
+    assert core_shares(3) == [list(range(16, 21)), list(range(21, 26)), list(range(26, 32))]
+    assert core_shares(20)[15:] == [[31], [16], [17], [18], [19]]  # more workers than cores: shared
+
+
 def test_a_slurm_job_preempted_by_usr2_checkpoints_then_hands_over_to_submitits_requeue(
         idx_root, isolated_data_env, tmp_path, monkeypatch):
     import signal
@@ -154,8 +161,9 @@ def test_a_stop_signal_to_the_pool_owner_checkpoints_the_started_runs_and_drops_
     owner = stalled_process(["sweep", str(sweep), "--executor", "local", "--workers", "2", "--data-root",
                              str(idx_root), "--no-download", "--out", str(out)], 1, marker)
     deadline = time.monotonic() + 60
-    while len(list(out.rglob("*.json"))) < 2 and time.monotonic() < deadline:  # both workers are in a run
-        time.sleep(0.05)
+    while time.monotonic() < deadline and (not marker.exists() or len(marker.read_text().splitlines()) < 2):
+        time.sleep(0.05)  # until both workers hold a run at its step 1
+    assert len(marker.read_text().splitlines()) == 2
     owner.send_signal(signal.SIGTERM)  # to the owner alone, as `kill PID` or a scheduler sends it
     time.sleep(1.5)  # the owner passes it on while the runs are held
     marker.with_name("stalled.release").touch()

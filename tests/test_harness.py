@@ -188,10 +188,11 @@ def test_micro_batches_share_the_batch_by_size():
 
 
 class _SlowBatches:
-    """A task's training batches, each one handed over late, as from a loader that cannot keep up."""
+    """A task's training batches, each one handed over late, as from a loader whose workers cannot keep up
+    (it keeps its `waited_s`, as `DeviceLoader` does)."""
 
     def __init__(self, batches, delay_s):
-        self.batches, self.delay_s = batches, delay_s
+        self.batches, self.delay_s, self.waited_s = batches, delay_s, 0.0
 
     def __getattr__(self, name):
         return getattr(self.batches, name)
@@ -202,6 +203,7 @@ class _SlowBatches:
     def __iter__(self):
         for batch in self.batches:
             time.sleep(self.delay_s)
+            self.waited_s += self.delay_s
             yield batch
 
 
@@ -225,7 +227,7 @@ def test_the_time_spent_waiting_on_the_loader_is_recorded_and_warned_about(idx_r
 def test_a_loader_that_keeps_up_is_not_warned_about(idx_root, isolated_data_env):
     lines = []
     record = execute(_run(), data_root=idx_root, download=False, log=lines.append)
-    assert 0 <= record.timing["data_wait_s"] < record.timing["train_s"]
+    assert record.timing["data_wait_s"] == 0  # the data lives on the device
     assert not any("waited on its data loader" in line for line in lines)
 
 

@@ -108,3 +108,21 @@ def test_method_hyper_parameters_are_range_checked(method, argument, message):
     key, _, value = argument.partition("=")
     with pytest.raises(QatbenchError, match=message.replace("(", r"\(")):
         _run(method, method_args={key: value})
+
+
+@pytest.mark.parametrize("recorded", [{"device_type": "cuda", "tf32": True}, {"device_type": "cuda", "tf32": False},
+                                      {"device_type": "cpu", "tf32": None}])  # None: a record from before TF32
+def test_a_recorded_identity_is_rebuilt_on_the_cpu_to_the_same_run_id(idx_root, isolated_data_env, recorded):
+    import json
+
+    from qatbench.results import identity_hash
+    from qatbench.spec import resolve_identity
+
+    run = bind_data([_run()], idx_root, download=False)[0]
+    identity = json.loads(json.dumps({**run.identity, **recorded}))
+    if recorded["tf32"] is None:
+        del identity["tf32"]
+    rebuilt = resolve_identity(identity)
+    rebuilt.data_fingerprint = run.data_fingerprint
+    assert json.loads(json.dumps(rebuilt.identity)) == identity and rebuilt.device.type == "cpu"
+    assert rebuilt.run_id == identity_hash(identity)  # what `qatbench export RECORD` checks

@@ -37,6 +37,7 @@ def test_image_folder_loader_batches(image_root, isolated_data_env):
     assert (data.num_train, data.num_test, len(data.train)) == (12, 6, 3)
     images, labels = next(iter(data.train))
     assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.long
+    assert data.train.waited_s > 0  # decoding the first batch, which the run reports as its data wait
 
 
 def test_class_count_mismatch_is_a_one_line_error(image_root, isolated_data_env, tmp_path, capsys):
@@ -58,9 +59,13 @@ def test_loader_workers_default_to_this_ranks_share_of_the_cores(monkeypatch):
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("SLURM_STEP_ID", raising=False)
     assert default_workers() == 16
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert default_workers() == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
     assert default_workers() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")  # a SLURM task's cores are its own already
+    assert default_workers() == 16
     assert _task("imagenet-resnet18").config.workers is None  # the same run identity on every machine
