@@ -396,7 +396,7 @@ def _cmd_leaderboard(args: argparse.Namespace, argv: list[str]) -> int:
     regenerate = shlex.join(["qatbench", *argv])
     if args.out is None:
         for text in leaderboard.render(records, args.format, regenerate).values():
-            print(text)
+            print(text, end="" if text.endswith("\n") else "\n")
         return 0
     for path in leaderboard.write(records, args.out, regenerate, fmt=args.format):
         print(f"wrote {path}")
@@ -410,7 +410,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(compare.compare(old, new))
         return 0
     frame = compare.compare_frame(old, new)
-    print(frame.to_csv(index=False) if args.format == "csv" else frame.to_json(orient="records", indent=1))
+    text = frame.to_csv(index=False) if args.format == "csv" else frame.to_json(orient="records", indent=1)
+    print(text, end="" if text.endswith("\n") else "\n")
     return 0
 
 

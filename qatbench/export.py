@@ -137,6 +137,9 @@ def load_export(path: Path) -> LoadedExport:
             header = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (OSError, SafetensorError) as err:
+        if Path(path).suffix == ".json":
+            raise QatbenchError(f"{path} is a run record, not an export: pass the export beside it, "
+                                f"{Path(path).with_suffix('.safetensors')}") from None
         raise QatbenchError(f"cannot read export {path}: {err}") from None
     if header.get("format") != FORMAT:
         raise QatbenchError(f"{path} is not a qatbench export (format {header.get('format')!r}, expected {FORMAT!r})")

@@ -437,6 +437,7 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
                 epoch_start, wait_start = time.perf_counter(), clock.totals["data_wait_s"]
                 for inputs, targets in waited_on(itertools.islice(data.train, remaining), data.train, clock):
                     loss = train_step(training, inputs, targets, recipe.grad_clip)
+                    memory.settle()  # after this process's first step: the level a step's transients rise from
                     monitor.after_step()
                     if step_log is not None:
                         step_log.record(position.step + 1, epoch, loss, scheduler.get_last_lr()[0], method.diagnostics)

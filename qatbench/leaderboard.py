@@ -70,7 +70,8 @@ def _record_row(r: RunRecord) -> dict[str, Any]:
         "row_config": json.dumps(_row_config(spec, quantized), sort_keys=True, default=str),
         "device_type": device_type, "step_ms": (r.timing or {}).get("steady_step_ms"),
         "train_s": (r.timing or {}).get("train_s"), "state_mb": _mb((memory.get("state_bytes") or {}).get("total")),
-        "peak_mb": memory.get("peak_allocated_mb" if device_type == "cuda" else "peak_rss_increase_mb"),
+        "peak_mb": memory.get("peak_allocated_mb") if device_type == "cuda" else memory.get(
+            "step_rss_increase_mb", memory.get("peak_rss_increase_mb")),
         "peak_reserved_mb": memory.get("peak_reserved_mb"), "packed_mb": _mb(export.get("packed_bytes")),
         "fp32_mb": _mb(export.get("fp32_bytes")), "exact": (r.exactness or {}).get("passed"),
         "transition_rate": r.history[-1].get("transition_rate") if r.history else None,
@@ -396,7 +397,7 @@ def _delta_table(section: pd.DataFrame) -> str:
 
 def _cost_table(section: pd.DataFrame) -> str:
     cuda = (section["device_type"] == "cuda").any()
-    peak_headers = ["peak alloc MB", "peak reserved MB"] if cuda else ["peak RSS +MB"]
+    peak_headers = ["peak alloc MB", "peak reserved MB"] if cuda else ["step RSS +MB"]
     rows = []
     for row, group in _rows(section):
         for _, c in group.sort_values("bits_order").iterrows():
@@ -408,8 +409,9 @@ def _cost_table(section: pd.DataFrame) -> str:
                          _number(c["packed_mb"], ".3f"), exact, _number(c["transition_rate"], ".2e")])
     peak_text = ("peak memory on the GPU during training, max over seeds (`torch.cuda.max_memory_allocated`, and "
                  "`max_memory_reserved` by the caching allocator)") if cuda else (
-        "peak memory: the increase of the process's peak resident set size over its level before training, max "
-        "over seeds (empty for records that predate it)")
+        "a step's transient memory: the increase of the process's peak resident set size over its level after "
+        "its first training step (when the training state exists and the library code is paged in), max over "
+        "seeds")
     headers = ["method", "bits", "ms/step", "vs FP", "train s", "state MB", *peak_headers, "packed MB", "exact",
                "transitions"]
     legend = ("Cost, per row and bit width (medians over seeds unless said): steady-state time per training step "

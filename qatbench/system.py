@@ -62,35 +62,57 @@ class PeakMemory:
     """Peak memory of a run's training, from `start()` (called once the data is resident) on.
 
     On CUDA: `torch.cuda.max_memory_allocated` / `max_memory_reserved` since `start()`.
-    On CPU: the process's peak resident set size (VmHWM) and its increase over the resident
-    size at `start()`, which is what training added (the process's libraries and data set
-    are in the baseline). Linux lets a process reset the peak mark (`echo 5 >
-    /proc/self/clear_refs`), so the peak belongs to this run alone; where it cannot be
-    reset, `rss_scope` says it is the process-wide peak.
+    On CPU: the process's peak resident set size (VmHWM), its increase over the resident
+    size at `start()` (`peak_rss_increase_mb`: what training added; the libraries and the
+    data set are in the baseline), and its increase over the resident size after the first
+    training step (`step_rss_increase_mb`, from `settle()`): by then the training state exists
+    (`state_bytes` counts it exactly) and the process has paged in the library code its kernels
+    run, about 130 MB of libtorch the first time a process trains, which would otherwise be
+    charged to whichever run came first; what remains is a step's transient memory
+    (activations, temporaries). Linux lets a process reset the peak mark (`echo 5 >
+    /proc/self/clear_refs`), so the peaks belong to this run alone; where it cannot be reset,
+    `rss_scope` says they are the process-wide peak.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.rss_scope = "run"
         self.baseline_rss_mb: float | None = None
+        self.settled_rss_mb: float | None = None  # the resident size after the first training step
+        self.peak_before_settling_mb: float | None = None
+
+    def _reset_peak(self) -> None:
+        try:
+            _CLEAR_REFS.write_text("5")
+        except OSError:
+            self.rss_scope = "process"
 
     def start(self) -> None:
         if self.device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()  # what earlier runs of this process left cached is not this run's reserve
             torch.cuda.reset_peak_memory_stats(self.device)
-        try:
-            _CLEAR_REFS.write_text("5")
-        except OSError:
-            self.rss_scope = "process"
+        self._reset_peak()
         self.baseline_rss_mb = _status_mb("VmRSS")
 
+    def settle(self) -> None:
+        """After the process's first training step: the CPU level that a step's transient memory is measured
+        from (once; later calls do nothing)."""
+        if self.settled_rss_mb is not None or self.device.type == "cuda" or self.rss_scope != "run":
+            return
+        self.peak_before_settling_mb = _peak_rss_mb()
+        self._reset_peak()
+        self.settled_rss_mb = _status_mb("VmRSS")
+
     def read(self) -> dict[str, Any]:
-        peak = _peak_rss_mb()
+        peak_now = _peak_rss_mb()
+        peak = max(p for p in (peak_now, self.peak_before_settling_mb, 0.0) if p is not None) or None
         out: dict[str, Any] = {"peak_rss_mb": peak, "rss_scope": self.rss_scope,
                                "baseline_rss_mb": self.baseline_rss_mb}
         if peak is not None and self.baseline_rss_mb is not None and self.rss_scope == "run":
             out["peak_rss_increase_mb"] = peak - self.baseline_rss_mb
+            if peak_now is not None and self.settled_rss_mb is not None:
+                out["step_rss_increase_mb"] = max(0.0, peak_now - self.settled_rss_mb)
         if self.device.type == "cuda":
             out["peak_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             out["peak_reserved_mb"] = torch.cuda.max_memory_reserved(self.device) / 2**20

@@ -89,3 +89,13 @@ def test_a_damaged_export_is_a_one_line_error(tmp_path, damage, message):
     save_file(tensors, str(path), metadata=header)
     with pytest.raises(QatbenchError, match=message):
         load_export(path)
+
+
+def test_a_record_passed_as_an_export_says_which_file_to_pass(tmp_path):
+    from qatbench.errors import QatbenchError
+    from qatbench.export import load_export
+
+    record = tmp_path / "parq-b2-s0-abc.json"
+    record.write_text('{"run_id": "abc"}')
+    with pytest.raises(QatbenchError, match=r"is a run record, not an export: pass .*parq-b2-s0-abc\.safetensors"):
+        load_export(record)

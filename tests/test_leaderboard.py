@@ -190,12 +190,13 @@ def test_lower_is_better_metrics_bold_the_lowest():
     assert "lower is better" in text
 
 
-def test_cost_table_shows_training_state_peak_rss_increase_and_packed_size_on_cpu():
-    memory = {"state_bytes": {"total": 3 * MB}, "peak_rss_increase_mb": 42.4, "peak_rss_mb": 1400.0}
+def test_cost_table_shows_training_state_step_rss_increase_and_packed_size_on_cpu():
+    memory = {"state_bytes": {"total": 3 * MB}, "peak_rss_increase_mb": 170.0, "step_rss_increase_mb": 42.4,
+              "peak_rss_mb": 1400.0}
     export = {"packed_bytes": MB // 4, "fp32_bytes": 4 * MB}
     records = [_record("ste", 2, s, 80.0, memory=memory, export=export, train_s=12.0) for s in range(2)]
     text = leaderboard.build(records, "x")["toy"]
-    cost = _table(text, "method", "bits", "ms/step", "vs FP", "train s", "state MB", "peak RSS +MB", "packed MB")
+    cost = _table(text, "method", "bits", "ms/step", "vs FP", "train s", "state MB", "step RSS +MB", "packed MB")
     assert cost[0][4:8] == ["12.0", "3.00", "42", "0.250"]
     assert "increase of the process's peak resident set size" in text and "peak reserved" not in text
 

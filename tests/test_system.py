@@ -41,3 +41,16 @@ def test_cpu_peak_is_reported_as_its_increase_over_the_start():
     assert reading["peak_rss_mb"] >= reading["baseline_rss_mb"] + 60
     if reading["rss_scope"] == "run":
         assert 60 <= reading["peak_rss_increase_mb"] < 200
+
+
+def test_a_steps_transient_memory_is_measured_from_the_level_after_the_first_step():
+    # in a fresh process: the first step pages in code and allocates the state; a later step allocates 64 MB
+    # of temporaries. The increase over the start counts both, the increase over the settled level only those.
+    script = ("import json, torch; from qatbench.system import PeakMemory; m = PeakMemory(torch.device('cpu')); "
+              "m.start(); state = torch.ones(96 * 2**20 // 4); state += 1; m.settle(); "
+              "block = torch.ones(64 * 2**20 // 4); block += 1; del block; m.settle(); print(json.dumps(m.read()))")
+    reading = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                        check=True).stdout)
+    if reading["rss_scope"] == "run":
+        assert 150 <= reading["peak_rss_increase_mb"] < 300
+        assert 60 <= reading["step_rss_increase_mb"] < 90
