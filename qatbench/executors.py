@@ -124,6 +124,8 @@ def _start_worker(slots: Any, stopping: Any) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices
     if cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)
+        if "torch" in sys.modules:  # imported with the spawned main module: its thread pool sized for every core
+            sys.modules["torch"].set_num_threads(len(cores))
 
 
 def _work(spec: Any, settings: Settings, per_run: int) -> str | None:

@@ -44,6 +44,8 @@ def test_a_local_pool_of_two_workers_runs_a_four_run_sweep(sweep, idx_root, isol
     records = _records_with_logs(out)
     assert len(records) == 4 and all(r.status == "ok" for r in records)
     assert len({r.environment["pid"] for r in records}) <= 2 and os.getpid() not in {r.environment["pid"] for r in records}
+    shares = {len(cores) for cores in core_shares(2)}  # each worker on its share of the cores, a thread per core
+    assert all(r.environment["cpu_threads"] in shares for r in records), [r.environment["cpu_threads"] for r in records]
 
 
 def test_submitits_debug_executor_runs_the_same_jobs(sweep, idx_root, isolated_data_env, tmp_path, capsys):
