@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -102,6 +103,14 @@ def test_workers_are_dealt_disjoint_device_groups(monkeypatch):
     assert device_slots("cuda", 8, 1) == ["0", "1", "2", "3", "0", "1", "2", "3"]  # two workers per GPU
     assert device_slots("cuda", 2, 2) == ["0,1", "2,3"]
     assert device_slots("cpu", 3, 1) == [None, None, None]
+
+
+def test_a_pinned_worker_sizes_torchs_threads_to_its_cores_even_when_torch_came_first():
+    # the console script `qatbench` imports torch in every spawned worker before the initializer pins it
+    script = ("import queue, torch; from qatbench.executors import _start_worker; slots = queue.Queue(); "
+              "slots.put((None, [sorted(__import__('os').sched_getaffinity(0))[0]])); _start_worker(slots, None); "
+              "print(torch.get_num_threads())")
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout == "1\n"
 
 
 def test_pool_workers_get_disjoint_shares_of_the_cores(monkeypatch):
