@@ -125,7 +125,7 @@ def _step_ops(contender: _Contender, stream: Iterator) -> StepOps:
         del method.step
     counter = counted["step"]
     return StepOps(counter.total("step"), base_step_ops(method.optimizer), counter.total("probes"),
-                   refresh_ops(method), counter.host_reads())
+                   refresh_ops(method), counter.host_reads("step"))
 
 
 def _checkpoint_cost(contender: _Contender, batches: Any) -> tuple[float, float]:

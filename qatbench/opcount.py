@@ -44,8 +44,10 @@ class DispatchCounter(TorchDispatchMode):
     def total(self, phase: str) -> int:
         return sum(self.counts[phase].values())
 
-    def host_reads(self) -> int:
-        return sum(counter[HOST_READ] for counter in self.counts.values())
+    def host_reads(self, phase: str | None = None) -> int:
+        """Values read from tensors into Python, in `phase` or in every phase."""
+        counters = [self.counts[phase]] if phase is not None else list(self.counts.values())
+        return sum(counter[HOST_READ] for counter in counters)
 
 
 @dataclasses.dataclass
@@ -56,7 +58,7 @@ class StepOps:
     base: int  # the same base optimizer's foreach step alone
     probes: int  # the forward passes made through the closure
     refresh: int | None  # one level refresh (None for a method without levels)
-    host_reads: int  # device values read into Python during the step
+    host_reads: int  # tensor values read into Python by the step itself (the probes' forwards apart)
 
     @property
     def extra(self) -> int:
