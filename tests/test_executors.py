@@ -187,3 +187,24 @@ def test_a_stop_signal_to_the_pool_owner_checkpoints_the_started_runs_and_drops_
     while any(_alive(r.environment["pid"]) for r in records) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(r.environment["pid"]) for r in records)  # no worker is left behind
+
+
+def test_a_stop_to_a_pool_of_two_rank_runs_goes_through_torchruns_agent_to_a_checkpoint(
+        idx_root, isolated_data_env, tmp_path):
+    # --gpus-per-run 2 on the CPU: each run is 2 gloo ranks under torchrun's agent, which handles SIGTERM itself
+    out, marker, sweep = tmp_path / "runs", tmp_path / "stalled", tmp_path / "sweep.yaml"
+    sweep.write_text(SWEEP.replace("{ste: {}, parq: {}}", "{ste: {}}") + "epochs: 3\n")
+    owner = stalled_process(["sweep", str(sweep), "--executor", "local", "--workers", "1", "--gpus-per-run", "2",
+                             "--data-root", str(idx_root), "--no-download", "--out", str(out)], 1, marker)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(marker.read_text().splitlines()) < 2:
+        time.sleep(0.05)  # until both ranks of the first run hold at step 1
+    owner.send_signal(signal.SIGTERM)
+    time.sleep(1.5)
+    marker.with_name("stalled.release").touch()
+    output = owner.communicate(timeout=120)[0]
+    assert owner.returncode == 143, output
+    [record] = [read_record(path) for path in out.rglob("*.json")]  # the second run never started
+    assert record.status == "interrupted" and record.environment["world_size"] == 2, output
+    assert len(list(out.joinpath(record.task).glob("*.ckpt"))) == 1
+    assert "a run was stopped by SIGTERM" in output and "failed" not in output  # the agent's exception, translated
