@@ -227,6 +227,10 @@ def _torchrun(nproc: int, argv: list[str]) -> None:
 
 def _cmd_run(specs: list[RunSpec], args: argparse.Namespace, argv: list[str]) -> int:
     world = world_from_environment()
+    executor = getattr(args, "executor", "inline")
+    if executor != "inline" and (args.nproc != 1 or world.distributed):
+        raise QatbenchError(f"--executor {executor} starts each run's processes itself: give every run N "
+                            f"processes with --gpus-per-run N, not --nproc or torchrun")
     if args.nproc != 1 and not world.distributed:
         _torchrun(args.nproc, argv)
     device = init_distributed(world, args.device)

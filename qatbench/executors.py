@@ -194,34 +194,48 @@ def run_local(specs: list[Any], settings: Settings, workers: int, per_run: int, 
     with stop_signals() as stop, concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=context, initializer=_start_worker, initargs=(slots, stopping)) as pool:
         pending = {pool.submit(_work, spec, settings, per_run) for spec in specs}
-        forwarded = False
-        while pending:
-            done, pending = concurrent.futures.wait(pending, timeout=0.5,
-                                                    return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in done:
-                error = None if future.cancelled() else future.exception()
-                if future.cancelled() or (error is None and future.result() is None):
-                    continue
-                if isinstance(error, Stopped):  # its record says `interrupted`
-                    log(f"a run was {error}")
-                    continue
-                lines.append(future.result() if error is None else f"a run failed before training: {error}")
-                log(lines[-1])
-            if stop:
-                if not forwarded:
-                    stopping.set()  # a run already handed to a worker does not start
-                    for future in pending:
-                        future.cancel()
-                if not forwarded or per_run == 1:
-                    # passed on again every half second: a worker between taking a run and routing stop signals
-                    # to it ignores them, and a run ignores all but the first; torchrun's agents get it once
-                    # (as SIGTERM, which they pass on to their ranks)
-                    for child in multiprocessing.active_children():  # the pool's workers: this process's only children
-                        os.kill(child.pid, stop.signum if per_run == 1 else signal.SIGTERM)
-                forwarded = True
+        try:
+            _collect(pending, lines, stop, stopping, per_run, log)
+        except KeyboardInterrupt:  # Ctrl-C: the runs under way record `interrupted`, nothing more starts
+            stopping.set()
+            for future in pending:
+                future.cancel()
+            for child in multiprocessing.active_children():  # where Ctrl-C reached only this process
+                os.kill(child.pid, signal.SIGTERM)
+            raise
     if stop:
         raise Stopped(stop.signum)
     return lines
+
+
+def _collect(pending: set[Any], lines: list[str], stop: Any, stopping: Any, per_run: int, log: Any) -> None:
+    """Wait for the pool's runs, logging each one's summary line (kept in `lines`); on a stop signal, pass it
+    on to the workers and drop the runs not yet started."""
+    forwarded = False
+    while pending:
+        done, pending = concurrent.futures.wait(pending, timeout=0.5,
+                                                return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in done:
+            error = None if future.cancelled() else future.exception()
+            if future.cancelled() or (error is None and future.result() is None):
+                continue
+            if isinstance(error, Stopped):  # its record says `interrupted`
+                log(f"a run was {error}")
+                continue
+            lines.append(future.result() if error is None else f"a run failed before training: {error}")
+            log(lines[-1])
+        if stop:
+            if not forwarded:
+                stopping.set()  # a run already handed to a worker does not start
+                for future in pending:
+                    future.cancel()
+            if not forwarded or per_run == 1:
+                # passed on again every half second: a worker between taking a run and routing stop signals
+                # to it ignores them, and a run ignores all but the first; torchrun's agents get it once
+                # (as SIGTERM, which they pass on to their ranks)
+                for child in multiprocessing.active_children():  # the pool's workers: this process's only children
+                    os.kill(child.pid, stop.signum if per_run == 1 else signal.SIGTERM)
+            forwarded = True
 
 
 def _submitit() -> Any:

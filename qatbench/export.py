@@ -140,6 +140,10 @@ def load_export(path: Path) -> LoadedExport:
         if Path(path).suffix == ".json":
             raise QatbenchError(f"{path} is a run record, not an export: pass the export beside it, "
                                 f"{Path(path).with_suffix('.safetensors')}") from None
+        if Path(path).suffix == ".ckpt":
+            raise QatbenchError(f"{path} is a checkpoint, not an export: `qatbench export "
+                                f"{Path(path).with_suffix('.json')}` writes the export of a finished run's kept "
+                                f"final checkpoint") from None
         raise QatbenchError(f"cannot read export {path}: {err}") from None
     if header.get("format") != FORMAT:
         raise QatbenchError(f"{path} is not a qatbench export (format {header.get('format')!r}, expected {FORMAT!r})")

@@ -498,6 +498,7 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
         if task.tokens_per_sample():
             timing["tokens_per_s"] = timing["samples_per_s"] * task.tokens_per_sample()
     timing["train_s"] = timing.pop("wall_s") - timing["eval_s"]  # over every resume, checkpoints included
+    timing["earlier_processes_s"] = clock.wall_before  # the run's time before this process resumed it
     timing["data_wait_share"] = timing["data_wait_s"] / max(1e-9, timing["train_s"] - timing["checkpoint_s"])
     record.timing = timing
 
@@ -593,7 +594,7 @@ def execute(run: ResolvedRun, data_root: Path | None = None, download: bool = Tr
         record.status, record.message = "oom", str(err).splitlines()[0]
     except Exception as err:  # recorded, so that one broken run never stops a sweep
         record.status, record.message = "error", f"{type(err).__name__}: {err}"
-    record.timing["total_s"] = time.perf_counter() - start
+    record.timing["total_s"] = time.perf_counter() - start + record.timing.get("earlier_processes_s", 0.0)
     return record
 
 

@@ -164,8 +164,9 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes' states from /proc")
+@pytest.mark.parametrize("stop_signal, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["TERM", "Ctrl-C"])
 def test_a_stop_signal_to_the_pool_owner_checkpoints_the_started_runs_and_drops_the_rest(
-        sweep, idx_root, isolated_data_env, tmp_path):
+        stop_signal, code, sweep, idx_root, isolated_data_env, tmp_path):
     out = tmp_path / "runs"
     marker = tmp_path / "stalled"
     sweep.write_text(SWEEP + "epochs: 3\n")
@@ -175,11 +176,11 @@ def test_a_stop_signal_to_the_pool_owner_checkpoints_the_started_runs_and_drops_
     while time.monotonic() < deadline and (not marker.exists() or len(marker.read_text().splitlines()) < 2):
         time.sleep(0.05)  # until both workers hold a run at its step 1
     assert len(marker.read_text().splitlines()) == 2
-    owner.send_signal(signal.SIGTERM)  # to the owner alone, as `kill PID` or a scheduler sends it
+    owner.send_signal(stop_signal)  # to the owner alone, as `kill PID`, a scheduler or `kill -INT` sends it
     time.sleep(1.5)  # the owner passes it on while the runs are held
     marker.with_name("stalled.release").touch()
     output = owner.communicate(timeout=120)[0]
-    assert owner.returncode == 143, output
+    assert owner.returncode == code, output
     records = [read_record(path) for path in out.rglob("*.json")]
     assert len(records) == 2 and all(r.status == "interrupted" for r in records), output
     assert all(p.with_suffix(".ckpt").exists() for p in out.rglob("*.json"))
@@ -208,3 +209,8 @@ def test_a_stop_to_a_pool_of_two_rank_runs_goes_through_torchruns_agent_to_a_che
     assert record.status == "interrupted" and record.environment["world_size"] == 2, output
     assert len(list(out.joinpath(record.task).glob("*.ckpt"))) == 1
     assert "a run was stopped by SIGTERM" in output and "failed" not in output  # the agent's exception, translated
+
+
+def test_nproc_with_an_executor_is_refused_for_gpus_per_run(sweep, tmp_path, capsys):
+    assert main(["sweep", str(sweep), "--executor", "local", "--nproc", "2", "--out", str(tmp_path)]) == 2
+    assert "give every run N processes with --gpus-per-run N" in capsys.readouterr().err

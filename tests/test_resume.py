@@ -35,6 +35,8 @@ def _assert_same_run(resumed, reference) -> None:
     for name, tensor in expected_kept["model"].items():
         assert torch.equal(kept["model"][name], tensor), name
     assert len(record.resumed) == 1 and not expected.resumed
+    timing = record.timing  # the killed process's time counts: the run's clock spans both processes
+    assert timing["earlier_processes_s"] > 0 and timing["total_s"] >= timing["train_s"] + timing["eval_s"]
 
 
 def _kill_and_resume(argv: list[str], step: int, tmp_path: Path):
