@@ -32,7 +32,7 @@ class RunStatus:
     detail: str
     status: str | None = None  # the record's status, when there is a record
     metric: float | None = None
-    epoch: int | None = None  # epochs completed (from the checkpoint)
+    epochs_completed: int | None = None  # from the checkpoint (the text says the epoch under way: this + 1)
     epochs: int | None = None
     checkpoint_age_s: float | None = None
     holder: str | None = None  # host:pid of a lock
@@ -44,8 +44,8 @@ def _describe_checkpoint(path: Path, row: RunStatus) -> str:
     age = f"checkpoint {row.checkpoint_age_s / 60:.0f} min old" if row.checkpoint_age_s is not None else ""
     if head is None:
         return f"unreadable checkpoint {path.name}"
-    row.epoch, row.epochs = head["position"]["epoch"], head["epochs"]
-    return f"epoch {row.epoch + 1} of {row.epochs} (step {head['position']['step']}), {age}"
+    row.epochs_completed, row.epochs = head["position"]["epoch"], head["epochs"]
+    return f"epoch {row.epochs_completed + 1} of {row.epochs} (step {head['position']['step']}), {age}"
 
 
 def run_status(stem: Path, root: Path) -> RunStatus:

@@ -63,7 +63,7 @@ def test_status_as_csv_and_json(runs, capsys):
     assert len(frame) == 6 and set(frame["state"]) == {"finished", "failed", "interrupted", "running", "stale lock"}
     assert main(["status", str(runs), "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["run"]: r["epoch"] for r in rows}["mnist-mlp/c-killed"] == 7
+    assert {r["run"]: r["epochs_completed"] for r in rows}["mnist-mlp/c-killed"] == 7
 
 
 def test_runs_of_a_sweep_that_never_started_are_listed(idx_root, isolated_data_env, tmp_path, capsys):
