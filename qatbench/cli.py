@@ -395,12 +395,17 @@ def _load_with_warnings(paths: list[Path]) -> list[Any]:
     return records
 
 
+def _print_block(text: str) -> None:
+    """Print a rendered table or file's text with exactly one newline at its end."""
+    print(text, end="" if text.endswith("\n") else "\n")
+
+
 def _cmd_leaderboard(args: argparse.Namespace, argv: list[str]) -> int:
     records = _load_with_warnings(args.records)
     regenerate = shlex.join(["qatbench", *argv])
     if args.out is None:
         for text in leaderboard.render(records, args.format, regenerate).values():
-            print(text, end="" if text.endswith("\n") else "\n")
+            _print_block(text)
         return 0
     for path in leaderboard.write(records, args.out, regenerate, fmt=args.format):
         print(f"wrote {path}")
@@ -414,8 +419,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(compare.compare(old, new))
         return 0
     frame = compare.compare_frame(old, new)
-    text = frame.to_csv(index=False) if args.format == "csv" else frame.to_json(orient="records", indent=1)
-    print(text, end="" if text.endswith("\n") else "\n")
+    _print_block(frame.to_csv(index=False) if args.format == "csv" else frame.to_json(orient="records", indent=1))
     return 0
 
 

@@ -197,11 +197,8 @@ def run_local(specs: list[Any], settings: Settings, workers: int, per_run: int, 
         try:
             _collect(pending, lines, stop, stopping, per_run, log)
         except KeyboardInterrupt:  # Ctrl-C: the runs under way record `interrupted`, nothing more starts
-            stopping.set()
-            for future in pending:
-                future.cancel()
-            for child in multiprocessing.active_children():  # where Ctrl-C reached only this process
-                os.kill(child.pid, signal.SIGTERM)
+            _drop_queued(pending, stopping)
+            _signal_workers(signal.SIGTERM)  # where Ctrl-C reached only this process
             raise
     if stop:
         raise Stopped(stop.signum)
@@ -226,16 +223,26 @@ def _collect(pending: set[Any], lines: list[str], stop: Any, stopping: Any, per_
             log(lines[-1])
         if stop:
             if not forwarded:
-                stopping.set()  # a run already handed to a worker does not start
-                for future in pending:
-                    future.cancel()
+                _drop_queued(pending, stopping)
             if not forwarded or per_run == 1:
                 # passed on again every half second: a worker between taking a run and routing stop signals
                 # to it ignores them, and a run ignores all but the first; torchrun's agents get it once
                 # (as SIGTERM, which they pass on to their ranks)
-                for child in multiprocessing.active_children():  # the pool's workers: this process's only children
-                    os.kill(child.pid, stop.signum if per_run == 1 else signal.SIGTERM)
+                _signal_workers(stop.signum if per_run == 1 else signal.SIGTERM)
             forwarded = True
+
+
+def _drop_queued(pending: set[Any], stopping: Any) -> None:
+    """Start no more runs: those queued are cancelled, and one already handed to a worker returns unstarted."""
+    stopping.set()
+    for future in pending:
+        future.cancel()
+
+
+def _signal_workers(signum: int) -> None:
+    """Send `signum` to the pool's workers (this process's only children)."""
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signum)
 
 
 def _submitit() -> Any:

@@ -269,7 +269,6 @@ class SteadyClock:
         self.totals = {"steady_train_s": 0.0, "steady_steps": 0, "eval_s": 0.0, "checkpoint_s": 0.0,
                        "checkpoints": 0, "data_wait_s": 0.0, **(saved or {})}
         self.wall_before = self.totals.pop("wall_s", 0.0)  # the run's time in the processes before this one
-        self.loader_waited_s = 0.0  # the training loader's own count of its waits, as far as it was added
         self.process_start = time.perf_counter()
         self.steps_here = 0
         self.stretch_start: float | None = None
@@ -314,9 +313,10 @@ def waited_on(batches: Iterable[Any], loader: Any, clock: SteadyClock) -> Iterat
     if not hasattr(loader, "waited_s"):  # data on the device: nothing to wait for
         yield from batches
         return
+    counted = loader.waited_s
     for item in batches:
-        clock.totals["data_wait_s"] += loader.waited_s - clock.loader_waited_s
-        clock.loader_waited_s = loader.waited_s
+        clock.totals["data_wait_s"] += loader.waited_s - counted
+        counted = loader.waited_s
         yield item
 
 

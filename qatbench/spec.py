@@ -225,8 +225,9 @@ def resolve_identity(identity: Any, device: str = "cpu") -> ResolvedRun:
                                 f"({identity[key]!r} vs {run.base_identity[key]!r}): the code has changed since")
     # where it ran: a CUDA run rebuilt on the CPU keeps its recorded device type and TF32 setting (and a
     # record from before the TF32 setting existed has none), so the rebuilt identity hashes to its run id
-    run.base_identity.update(device_type=identity.get("device_type"), init=identity.get("init"),
-                             tf32=identity.get("tf32"))
-    if "tf32" not in identity:
+    run.base_identity.update(device_type=identity.get("device_type"), init=identity.get("init"))
+    if "tf32" in identity:
+        run.base_identity["tf32"] = identity["tf32"]
+    else:
         del run.base_identity["tf32"]
     return run

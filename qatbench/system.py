@@ -106,7 +106,8 @@ class PeakMemory:
 
     def read(self) -> dict[str, Any]:
         peak_now = _peak_rss_mb()
-        peak = max(p for p in (peak_now, self.peak_before_settling_mb, 0.0) if p is not None) or None
+        peaks = [p for p in (peak_now, self.peak_before_settling_mb) if p is not None]
+        peak = max(peaks) if peaks else None
         out: dict[str, Any] = {"peak_rss_mb": peak, "rss_scope": self.rss_scope,
                                "baseline_rss_mb": self.baseline_rss_mb}
         if peak is not None and self.baseline_rss_mb is not None and self.rss_scope == "run":

@@ -163,6 +163,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _wait_for_stalls(marker, count, timeout=60.0):
+    """Until `count` processes have stopped at the stall plugin's step (a line each in `marker`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(marker.read_text().splitlines()) < count:
+        time.sleep(0.05)
+    assert len(marker.read_text().splitlines()) == count
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes' states from /proc")
 @pytest.mark.parametrize("stop_signal, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["TERM", "Ctrl-C"])
 def test_a_stop_signal_to_the_pool_owner_checkpoints_the_started_runs_and_drops_the_rest(
@@ -172,10 +180,7 @@ def test_a_stop_signal_to_the_pool_owner_checkpoints_the_started_runs_and_drops_
     sweep.write_text(SWEEP + "epochs: 3\n")
     owner = stalled_process(["sweep", str(sweep), "--executor", "local", "--workers", "2", "--data-root",
                              str(idx_root), "--no-download", "--out", str(out)], 1, marker)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (not marker.exists() or len(marker.read_text().splitlines()) < 2):
-        time.sleep(0.05)  # until both workers hold a run at its step 1
-    assert len(marker.read_text().splitlines()) == 2
+    _wait_for_stalls(marker, 2)  # both workers hold a run at its step 1
     owner.send_signal(stop_signal)  # to the owner alone, as `kill PID`, a scheduler or `kill -INT` sends it
     time.sleep(1.5)  # the owner passes it on while the runs are held
     marker.with_name("stalled.release").touch()
@@ -197,9 +202,7 @@ def test_a_stop_to_a_pool_of_two_rank_runs_goes_through_torchruns_agent_to_a_che
     sweep.write_text(SWEEP.replace("{ste: {}, parq: {}}", "{ste: {}}") + "epochs: 3\n")
     owner = stalled_process(["sweep", str(sweep), "--executor", "local", "--workers", "1", "--gpus-per-run", "2",
                              "--data-root", str(idx_root), "--no-download", "--out", str(out)], 1, marker)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(marker.read_text().splitlines()) < 2:
-        time.sleep(0.05)  # until both ranks of the first run hold at step 1
+    _wait_for_stalls(marker, 2)  # both ranks of the first run hold at its step 1
     owner.send_signal(signal.SIGTERM)
     time.sleep(1.5)
     marker.with_name("stalled.release").touch()
