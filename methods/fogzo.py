@@ -107,6 +107,9 @@ class FOGZO(STE):
     """
 
     Config = FOGZOConfig
+    # not under FSDP: a probe's perturbation of a whole tensor and its norm ||g|| would have to be drawn and
+    # reduced over the ranks' shards to equal the unsharded run's
+    sharded_granularities = frozenset()
 
     def __init__(self, config, optimizer, quantizer, total_steps, generator) -> None:
         super().__init__(config, optimizer, quantizer, total_steps, generator)

@@ -8,6 +8,7 @@ from torch import Tensor
 from qatbench.method import Closure, Method
 from qatbench.quant import as_rows, estimate_levels, hard_quantize, level_indices
 from qatbench.registry import METHODS
+from qatbench.sharding import local
 
 LEVEL_REFRESH_PERIOD = 10
 
@@ -22,10 +23,12 @@ class FullPrecision(Method):
     """
 
     quantizes = False
+    sharded_granularities = frozenset({"channel"})  # under FSDP each rank measures its own rows
 
     def __init__(self, config, optimizer, quantizer, total_steps, generator) -> None:
         super().__init__(config, optimizer, quantizer, total_steps, generator)
-        self.rows = [as_rows(p.detach(), quantizer.granularity) for p in self.quantized_params()] if quantizer else []
+        self.rows = [as_rows(local(p.detach()), quantizer.granularity)
+                     for p in self.quantized_params()] if quantizer else []
         self.levels: list[Tensor] = []
         self.levels_step = -LEVEL_REFRESH_PERIOD
 

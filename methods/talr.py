@@ -68,7 +68,7 @@ class TALR(STE):
         self.running_rate = torch.full((count,), self.initial_target, device=device)  # K_l
         self.scale = torch.ones(count, device=device)  # s_l (momentum rule)
         self.previous_indices: Tensor | None = None  # d_{t-1}, uint8, flat
-        self.sizes = self.layout.tensor_numels.to(self.layout.dtype)
+        self.sizes = self.layout.tensor_sizes.to(self.layout.dtype)  # whole tensors (under FSDP: not the shards)
         self.target = self.initial_target  # R_t, the latest
 
     def target_rate(self, t: int) -> float:

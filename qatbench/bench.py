@@ -132,7 +132,7 @@ def _checkpoint_cost(contender: _Contender, batches: Any) -> tuple[float, float]
     """(milliseconds, MB) of writing one in-run checkpoint of the contender's training state."""
     run, training = contender.run, contender.training
     generators = {"data": torch.Generator(run.device), "method": torch.Generator(run.device)}
-    ranks = [rank_state(generators, torch.zeros((), device=run.device))]
+    ranks = [rank_state(generators, torch.zeros((), device=run.device), None)]
     payload = checkpoint_payload(run, training, TransitionMonitor(training.method), batches, ranks, Position(), {}, {})
     with tempfile.TemporaryDirectory() as folder:
         seconds, size = checkpoint.save(Path(folder) / "bench.ckpt", payload)

@@ -73,6 +73,9 @@ def _build_parser() -> argparse.ArgumentParser:
     execution.add_argument("--nproc", type=int, default=1, metavar="N",
                            help="train each run on N processes (DDP): starts torchrun --nproc-per-node N on this "
                                 "command (on CUDA, one GPU each)")
+    execution.add_argument("--fsdp", action="store_true",
+                           help="with several processes: shard each run's parameters, gradients and optimizer state "
+                                "over them (FSDP2; llama-* tasks) instead of replicating them (DDP)")
 
     run = sub.add_parser("run", parents=[plugins, execution],
                          help="train and record runs (every combination of the lists)")
@@ -235,6 +238,7 @@ def _cmd_run(specs: list[RunSpec], args: argparse.Namespace, argv: list[str]) ->
         _torchrun(args.nproc, argv)
     device = init_distributed(world, args.device)
     given = {"micro_batch": args.micro_batch} if args.micro_batch is not None else {}
+    given.update({"fsdp": True} if args.fsdp else {})
     specs = [dataclasses.replace(s, device=device, **given) for s in specs]
     if args.shard:
         specs = shard(specs, args.shard)

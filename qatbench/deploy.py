@@ -20,7 +20,7 @@ from . import checkpoint
 from .errors import QatbenchError
 from .export import load_export
 from .fingerprint import Fingerprint, fingerprint
-from .harness import RunFiles, build_training, exactness_report, write_export
+from .harness import RunFiles, build_training, exactness_report, level_tables, write_export
 from .results import read_record, write_record
 from .spec import resolve_identity
 
@@ -93,11 +93,15 @@ def export_from_checkpoint(record_path: Path) -> dict[str, Any]:
     saved = checkpoint.load(files.checkpoint, record.run_id)
     if saved is None or saved["position"]["epoch"] != run.recipe.epochs:
         raise QatbenchError(f"{files.checkpoint} is not the final checkpoint of run {record.run_id}")
+    if saved["model"] is None:
+        raise QatbenchError(f"{files.checkpoint} holds the shards of an --fsdp run; every finished run exports its "
+                            f"model itself (beside its record)")
     training = build_training(run, saved["steps_per_epoch"], torch.Generator().manual_seed(record.seed + 1))
     training.model.load_state_dict(saved["model"])
     training.method.load_state_dict(saved["method"])
     training.method.finalize()
     record.exactness = exactness_report(run, training.model)
-    record.export = write_export(run, training.model, training.method, files.export, record)
+    tables = level_tables(run, training.model, training.method)
+    record.export = write_export(run, training.model.state_dict(), tables, files.export, record)
     write_record(files.record, record)
     return record.export

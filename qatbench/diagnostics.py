@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .distributed import all_reduce
 from .method import Method
 
 SAMPLE_PERIOD = 10
@@ -23,7 +24,8 @@ class TransitionMonitor:
     Both use the method's own latent weights and levels (`Method.level_indices()`,
     `Method.distance_to_levels()`); indices are compared, so a rescaling that keeps every
     weight's level is no transition, while a level refresh that moves weights across a
-    midpoint is. Nothing here waits on the host until `epoch_summary()`.
+    midpoint is. Nothing here waits on the host until `epoch_summary()`. Under FSDP each rank
+    counts its own shards, and the epoch's counts are summed over the ranks.
     """
 
     def __init__(self, method: Method, period: int = SAMPLE_PERIOD) -> None:
@@ -63,8 +65,9 @@ class TransitionMonitor:
         distance, indices = self.method.distance_to_levels(), self.method.level_indices()
         if distance is None or indices is None:
             return {}
-        total = indices.numel()
-        rate = self.changes.item() / (self.pairs * total) if self.changes is not None and self.pairs else float("nan")
-        summary = {"transition_rate": rate, "transition_pairs": self.pairs, "distance_to_levels": distance.item() / total}
+        counts = [float(indices.numel()), 0.0 if self.changes is None else self.changes.item(), distance.item()]
+        total, changes, distance_sum = all_reduce(counts) if self.method.sharded else counts
+        rate = changes / (self.pairs * total) if self.changes is not None and self.pairs else float("nan")
+        summary = {"transition_rate": rate, "transition_pairs": self.pairs, "distance_to_levels": distance_sum / total}
         self.changes, self.pairs = None, 0
         return summary

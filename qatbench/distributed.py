@@ -104,5 +104,14 @@ def gather(value: Any) -> list[Any]:
     return out
 
 
+def gather_to_main(value: Any) -> list[Any] | None:
+    """Every rank's `value`, in rank order, on rank 0 (None on the others): what only rank 0 writes."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, out, dst=0)
+    return out
+
+
 def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -77,16 +77,16 @@ class ExportSummary:
         return dataclasses.asdict(self)
 
 
-def export_model(path: Path, model: torch.nn.Module, levels: dict[str, Tensor], quantizer: QuantizerConfig | None,
+def export_model(path: Path, state: dict[str, Tensor], levels: dict[str, Tensor], quantizer: QuantizerConfig | None,
                  metadata: dict[str, Any]) -> ExportSummary:
-    """Write `model`'s state dict to `path` (atomically), the tensors named in `levels` (name -> their rows'
-    level tables) as packed indices and tables. `metadata` (JSON values) goes into the file's header."""
+    """Write a model's state dict `state` to `path` (atomically), the tensors named in `levels` (name -> their
+    rows' level tables) as packed indices and tables. `metadata` (JSON values) goes into the file's header."""
     from safetensors.torch import save_file
 
     tensors: dict[str, Tensor] = {}
     quantized: dict[str, dict[str, Any]] = {}
     fp32_bytes = 0
-    for name, value in model.state_dict().items():
+    for name, value in state.items():
         value = value.detach().contiguous()  # the logical order, whatever the memory format
         fp32_bytes += value.numel() * (4 if value.is_floating_point() else value.element_size())
         if name not in levels:

@@ -8,6 +8,11 @@ is one operation, and a step is a fixed number of whole-buffer operations howeve
 tensors there are. Where parameters cannot be re-pointed (FSDP's sharded parameters), the
 buffer is copied to and from them with one foreach copy.
 
+Under FSDP (`split`), a layout holds this rank's shards: rows of dim 0, so a per-channel
+row lies whole on one rank and its statistics are local; the statistics of rows that span
+the ranks (per-tensor levels) and of whole tensors are all-reduced, so that every rank
+computes the levels an unsharded run computes.
+
 Levels (`FlatLevels`): the level table of every row `(R, m)`; for uniform levels the step
 of every row `(R,)` (a uniform level is `fl(c_k * s)`, `qatbench.quant`) and that step
 repeated over the row's elements `(N,)`, so that hard quantization is five elementwise
@@ -28,16 +33,19 @@ import math
 import torch
 from torch import Tensor
 
+from .distributed import reduce_tensor_
 from .quant import TERNARY, QuantizerConfig, as_rows, grid_coefficients, num_levels
 
 
 class FlatLayout:
-    """Where every quantized tensor's rows lie in a flat buffer, and the index tensors that go with it."""
+    """Where every quantized tensor's rows lie in a flat buffer, and the index tensors that go with it;
+    with `split`, the tensors are this rank's dim-0 shards of tensors sharded over the process group."""
 
-    def __init__(self, tensors: list[Tensor], granularity: str) -> None:
+    def __init__(self, tensors: list[Tensor], granularity: str, split: bool = False) -> None:
         if not tensors:
             raise ValueError("a flat layout needs at least one tensor")
-        self.granularity = granularity
+        self.granularity, self.split = granularity, split
+        self.rows_span_ranks = split and granularity == "tensor"
         self.shapes = [t.shape for t in tensors]
         self.strides = [t.stride() for t in tensors]
         rows = [as_rows(t.detach(), granularity) for t in tensors]
@@ -49,7 +57,8 @@ class FlatLayout:
         self.device, self.dtype = tensors[0].device, tensors[0].dtype
         lengths = [r.shape[1] for r in rows for _ in range(r.shape[0])]
         self.row_lengths = torch.tensor(lengths, dtype=torch.int64, device=self.device)
-        self.tensor_numels = torch.tensor(self.numels, dtype=torch.int64, device=self.device)
+        self.tensor_numels = torch.tensor(self.numels, dtype=torch.int64, device=self.device)  # here
+        self.tensor_sizes = reduce_tensor_(self.tensor_numels.clone()) if split else self.tensor_numels  # whole
 
     def empty(self) -> Tensor:
         return torch.empty(self.numel, dtype=self.dtype, device=self.device)
@@ -81,12 +90,14 @@ class FlatLayout:
         return self.per_element(rows)
 
     def row_reduce(self, values: Tensor, reduce: str) -> Tensor:
-        """`sum` or `max` of each row of a flat buffer, `(R,)`."""
-        return torch.segment_reduce(values, reduce, lengths=self.row_lengths, unsafe=True)
+        """`sum` or `max` of each row of a flat buffer, `(R,)` (over every rank's part of rows that span them)."""
+        rows = torch.segment_reduce(values, reduce, lengths=self.row_lengths, unsafe=True)
+        return reduce_tensor_(rows, reduce) if self.rows_span_ranks else rows
 
     def tensor_reduce(self, values: Tensor) -> Tensor:
-        """Sum of each tensor's elements of a flat buffer, `(T,)`."""
-        return torch.segment_reduce(values, "sum", lengths=self.tensor_numels, unsafe=True)
+        """Sum of each tensor's elements of a flat buffer, `(T,)` (over every rank's shard of it)."""
+        sums = torch.segment_reduce(values, "sum", lengths=self.tensor_numels, unsafe=True)
+        return reduce_tensor_(sums) if self.split else sums
 
 
 def alias(params: list[Tensor], layout: FlatLayout) -> Tensor | None:

@@ -29,7 +29,7 @@ import torch
 
 from . import checkpoint
 from .diagnostics import TransitionMonitor
-from .distributed import World, all_reduce, broadcast, gather, reduce_tensor_
+from .distributed import World, all_reduce, broadcast, gather, gather_to_main, reduce_tensor_
 from .errors import QatbenchError
 from .export import export_model, load_export
 from .locks import STALE_AFTER_S, RunLock, read_lock, touch, try_lock
@@ -37,6 +37,8 @@ from .method import Method
 from .quant import check_exact
 from .results import FINISHED, RunRecord, read_record, record_path, write_record
 from .progress import Progress, StepLog
+from .sharding import (gradient_sync_paused, load_local_state, local_state, restore_optimizer_shards, shard_model,
+                       whole_level_tables, whole_state_dict, whole_weights)
 from .signals import STOP_SIGNALS, StopRequest, Stopped, stop_signals
 from .spec import ResolvedRun, bind_data
 from .system import PeakMemory, environment, training_state_bytes
@@ -89,14 +91,14 @@ class Training:
     """Everything one run trains with; built the same way by a run and by `qatbench bench`."""
 
     model: torch.nn.Module
-    compute_loss: LossFn  # the training forward (through DDP on several ranks)
+    compute_loss: LossFn  # the training forward (through DDP on several ranks, unless sharded with FSDP)
     method: Method
     scheduler: torch.optim.lr_scheduler.LRScheduler
     steps_per_epoch: int
     total_steps: int
     probe_loss: LossFn  # a forward of the model itself, for probes under no_grad
     micro_batch: int | None = None  # samples per forward and backward (None: the whole batch)
-    no_sync: Callable[[], Any] = contextlib.nullcontext  # DDP's: a backward that leaves the gradient unreduced
+    no_sync: Callable[[], Any] = contextlib.nullcontext  # DDP's or FSDP's: a backward that leaves the gradient unreduced
 
 
 def _load_init(model: torch.nn.Module, path: str, task: str, device: torch.device) -> None:
@@ -156,13 +158,17 @@ def build_training(run: ResolvedRun, steps_per_epoch: int, method_generator: tor
                    world: World = World()) -> Training:
     """A fresh model (from `--init` when given), its loss, base optimizer, LR schedule and the method; on
     several ranks the training forward goes through DistributedDataParallel (the gradient is averaged over
-    the ranks' parts of the global batch), while probes go through the model itself."""
+    the ranks' parts of the global batch), while probes go through the model itself; with `--fsdp` the model
+    is sharded (FSDP2) before the optimizer and the method see its parameters."""
     prepare_device(run)
     model = run.task.build_model().to(run.device)
     if run.spec.init:
         _load_init(model, run.spec.init, run.task.name, run.device)
     if run.spec.channels_last:  # before the optimizer and the method: it changes the weights' memory format
         model.to(memory_format=torch.channels_last)
+    if run.spec.fsdp:
+        quantized = [name for name, p in model.named_parameters() if run.task.is_quantized(name, p)]
+        shard_model(model, run.task.shard_units(model), quantized, world)
     optimizer = run.recipe.make_optimizer(run.task.param_groups(model))
     total_steps = run.recipe.epochs * steps_per_epoch
     scheduler = run.recipe.make_scheduler(optimizer, steps_per_epoch)
@@ -171,6 +177,9 @@ def build_training(run: ResolvedRun, steps_per_epoch: int, method_generator: tor
     micro_batch = run.spec.micro_batch
     if not world.distributed:
         return Training(model, probe_loss, method, scheduler, steps_per_epoch, total_steps, probe_loss, micro_batch)
+    if run.spec.fsdp:
+        return Training(model, probe_loss, method, scheduler, steps_per_epoch, total_steps, probe_loss, micro_batch,
+                        lambda: gradient_sync_paused(model))
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     return Training(model, loss_function(run, ddp), method, scheduler, steps_per_epoch, total_steps, probe_loss,
@@ -329,21 +338,32 @@ class Position:
     step: int = 0  # optimizer steps since the start of training
 
 
-def rank_state(generators: dict[str, torch.Generator], loss_sum: torch.Tensor) -> dict[str, Any]:
-    """What differs between the ranks of a run: their random generators' states and their epoch's loss sum."""
-    return {"random": checkpoint.random_states(generators), "loss_sum": loss_sum.detach().cpu()}
+def training_state(training: Training, monitor: TransitionMonitor) -> dict[str, Any]:
+    """The model's, the method's and the transition monitor's state: the same on every rank, except under FSDP,
+    where each rank holds its shards of it."""
+    return {"model": training.model.state_dict(), "method": training.method.state_dict(),
+            "monitor": monitor.state_dict()}
+
+
+def rank_state(generators: dict[str, torch.Generator], loss_sum: torch.Tensor,
+               shards: dict[str, Any] | None) -> dict[str, Any]:
+    """What differs between the ranks of a run: their random generators' states, their epoch's loss sum, and
+    under FSDP their shards of the training state."""
+    own = {"random": checkpoint.random_states(generators), "loss_sum": loss_sum.detach().cpu()}
+    return own if shards is None else {**own, "shards": local_state(shards)}
 
 
 def checkpoint_payload(run: ResolvedRun, training: Training, monitor: TransitionMonitor, batches: Any,
                        ranks: list[dict[str, Any]], position: Position, timing: dict[str, Any],
                        progress: dict[str, Any]) -> dict[str, Any]:
     """Everything a checkpoint holds (see `qatbench.checkpoint`): the state the ranks share (identical on
-    every rank), each rank's own `rank_state`, and `progress`, the record so far."""
+    every rank; under FSDP in each rank's part instead), each rank's own `rank_state`, and `progress`, the
+    record so far."""
+    shared = dict.fromkeys(("model", "method", "monitor")) if run.spec.fsdp else training_state(training, monitor)
     return {"run_id": run.run_id, "identity": run.identity, "label": run.label, "epochs": run.recipe.epochs,
-            "steps_per_epoch": training.steps_per_epoch, "position": dataclasses.asdict(position),
-            "model": training.model.state_dict(), "method": training.method.state_dict(),
-            "scheduler": training.scheduler.state_dict(), "monitor": monitor.state_dict(),
-            "batches": batches.state_dict(), "ranks": ranks, "timing": timing, "record": progress}
+            "steps_per_epoch": training.steps_per_epoch, "position": dataclasses.asdict(position), **shared,
+            "scheduler": training.scheduler.state_dict(), "batches": batches.state_dict(), "ranks": ranks,
+            "timing": timing, "record": progress}
 
 
 def _agree(signum: int | None, due: bool) -> tuple[int, bool]:
@@ -385,15 +405,23 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
 
     saved = checkpoint.load(files.checkpoint, run.run_id) if files and files.checkpoint.exists() else None
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        method.load_state_dict(saved["method"])
+        if len(saved["ranks"]) != world.size or ("shards" in saved["ranks"][0]) != run.spec.fsdp:
+            sharded = " sharded (--fsdp)" if "shards" in saved["ranks"][0] else ""
+            raise QatbenchError(f"{files.checkpoint} was written by {len(saved['ranks'])}{sharded} processes; resume "
+                                f"it the same way (this is {world.size}{' sharded' if run.spec.fsdp else ''})")
+        if run.spec.fsdp:  # each rank's shards of the model, the method and the monitor
+            state = saved["ranks"][world.rank]["shards"]
+            load_local_state(model, state["model"])
+            method.load_state_dict(state["method"])
+            restore_optimizer_shards(method.optimizer)
+        else:
+            state = saved
+            model.load_state_dict(state["model"])
+            method.load_state_dict(state["method"])
+        monitor.load_state_dict(state["monitor"])
         scheduler.load_state_dict(saved["scheduler"])
-        monitor.load_state_dict(saved["monitor"])
         if 0 < saved["position"]["step_in_epoch"] < steps_per_epoch:  # stopped inside an epoch: continue it
             data.train.load_state_dict(saved["batches"])
-        if len(saved["ranks"]) != world.size:
-            raise QatbenchError(f"{files.checkpoint} was written by {len(saved['ranks'])} processes; resume it "
-                                f"with as many (this is {world.size})")
         checkpoint.set_random_states(saved["ranks"][world.rank]["random"], generators)
         loss_sum = saved["ranks"][world.rank]["loss_sum"].to(device)
         position = Position(**saved["position"])
@@ -412,7 +440,8 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
     def write_checkpoint() -> None:
         if files is None:
             return
-        ranks = gather(rank_state(generators, loss_sum))  # every rank takes part; rank 0 writes
+        shards = training_state(training, monitor) if run.spec.fsdp else None
+        ranks = gather_to_main(rank_state(generators, loss_sum, shards))  # every rank takes part; rank 0 writes
         if not world.main:
             return
         so_far = {"history": record.history, "best_epoch_metric": record.best_epoch_metric,
@@ -466,7 +495,8 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
                         f"larger /dev/shm would speed it up")
             mean_loss = reduce_tensor_(loss_sum.clone(), "avg").item() / steps_per_epoch
             eval_start = time.perf_counter()
-            metric = task.evaluate(model, data.test) if math.isfinite(mean_loss) else float("nan")
+            with whole_weights(model):
+                metric = task.evaluate(model, data.test) if math.isfinite(mean_loss) else float("nan")
             clock.add("eval_s", time.perf_counter() - eval_start)
             record.epochs_completed = epoch + 1
             record.history.append({"epoch": epoch + 1, "train_loss": mean_loss, task.metric: metric,
@@ -507,12 +537,14 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
     if record.status == "diverged":
         return
     method.finalize()
-    record.exactness = exactness_report(run, model)
-    eval_start = time.perf_counter()
-    record.metric = task.evaluate(model, data.test)
-    timing["final_eval_s"] = time.perf_counter() - eval_start
+    tables, weights = level_tables(run, model, method), whole_state_dict(model)  # under FSDP: gathered
+    with whole_weights(model):
+        record.exactness = exactness_report(run, model)
+        eval_start = time.perf_counter()
+        record.metric = task.evaluate(model, data.test)
+        timing["final_eval_s"] = time.perf_counter() - eval_start
     if files is not None and world.main:
-        record.export = write_export(run, model, method, files.export, record)
+        record.export = write_export(run, weights, tables, files.export, record)
     record.status = "ok"
 
 
@@ -536,18 +568,28 @@ def exactness_report(run: ResolvedRun, model: torch.nn.Module) -> dict[str, Any]
             "tensors": {c.name: {"distinct": c.distinct, "allowed": c.allowed} for c in checks}}
 
 
-def write_export(run: ResolvedRun, model: torch.nn.Module, method: Method, path: Path,
+def level_tables(run: ResolvedRun, model: torch.nn.Module, method: Method) -> dict[str, torch.Tensor]:
+    """After `finalize()`: the level table `(rows, m)` of each quantized tensor, by parameter name, whole (under
+    FSDP gathered from every rank's rows); empty for a full-precision method."""
+    if not run.method_cls.quantizes:
+        return {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    tables = method.level_tables()
+    if method.sharded:
+        tables = whole_level_tables(tables, rows_span_ranks=run.quantizer.granularity == "tensor")
+    return {names[id(p)]: q for p, q in zip(method.quantized_params(), tables)}
+
+
+def write_export(run: ResolvedRun, weights: dict[str, torch.Tensor], tables: dict[str, torch.Tensor], path: Path,
                  record: RunRecord) -> dict[str, Any]:
-    """Export the finalized model (packed indices and level tables); what the record says of it, or why not."""
+    """Export the finalized model's state dict `weights` (packed indices and its `level_tables`); what the record
+    says of it, or why not."""
     if record.exactness.get("passed") is False:
         return {"error": "not exported: the model is not exactly quantized"}
-    names = {id(p): n for n, p in model.named_parameters()}
-    tables = {names[id(p)]: q for p, q in zip(method.quantized_params(), method.level_tables())} \
-        if run.method_cls.quantizes else {}
     metadata = {"run_id": run.run_id, "identity": run.identity, "metric_name": record.metric_name,
                 "metric": record.metric}
     try:
-        return export_model(path, model, tables, run.quantizer if tables else None, metadata).to_dict()
+        return export_model(path, weights, tables, run.quantizer if tables else None, metadata).to_dict()
     except QatbenchError as err:
         return {"error": str(err)}
 
@@ -558,7 +600,7 @@ def new_record(run: ResolvedRun, command: str | None, world: World = World()) ->
     env = environment(run.device)
     per_process = run.recipe.batch_size // world.size
     micro = min(run.spec.micro_batch or per_process, per_process)
-    env.update(world_size=world.size, devices=gather(env["device_name"]), micro_batch=micro,
+    env.update(world_size=world.size, devices=gather(env["device_name"]), fsdp=run.spec.fsdp, micro_batch=micro,
                accumulation_steps=math.ceil(per_process / max(1, micro)))
     return RunRecord(
         run_id=run.run_id, spec=run.identity, method=run.method_cls.name, task=run.task.name, bits=run.bits,
@@ -649,6 +691,9 @@ def run_all(runs: list[ResolvedRun], out_dir: Path, data_root: Path | None = Non
     several ranks (torchrun), rank 0 locates the data, takes the locks and writes; every rank trains."""
     options = options or RunOptions(force=force, log=log, command=command)
     world = options.world
+    if not world.distributed and any(run.spec.fsdp for run in runs):
+        raise QatbenchError("--fsdp shards a run over its processes: start it on several (--nproc N, torchrun, or "
+                            "--gpus-per-run N in a sweep)")
     bind_once(runs, data_root, download, world)
     records = []
     with stop_signals(options.stop_signals) as stop:

@@ -22,6 +22,7 @@ from .flat import FlatLayout, FlatLevels, FlatQuantizer, alias, make_levels
 from .params import NoConfig, param
 from .quant import QuantizerConfig
 from .schedules import resolve_point
+from .sharding import is_sharded, local
 
 Closure = Callable[[], Tensor]
 
@@ -32,6 +33,9 @@ class Method(ABC):
     name: ClassVar[str] = ""  # set by the registry
     Config: ClassVar[type] = NoConfig
     quantizes: ClassVar[bool] = True  # False only for the full-precision baseline
+    # the granularities under which the method trains FSDP's sharded parameters (`--fsdp`), its statistics over
+    # rows and tensors that span the ranks reduced across them; empty: it cannot be sharded
+    sharded_granularities: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -47,6 +51,7 @@ class Method(ABC):
         self.total_steps = total_steps
         self.generator = generator
         self.steps = 0  # completed calls to step()
+        self.sharded = is_sharded(Method.quantized_params(self))  # FSDP: each rank holds shards of the tensors
 
     def quantized_params(self) -> list[Tensor]:
         """The parameters of the groups the task marked as quantized."""
@@ -139,16 +144,17 @@ class ProxMethod(Method):
     """
 
     Config: ClassVar[type] = ProxConfig
+    sharded_granularities: ClassVar[frozenset[str]] = frozenset({"channel", "tensor"})
 
     def __init__(self, config: ProxConfig, optimizer, quantizer, total_steps, generator) -> None:
         super().__init__(config, optimizer, quantizer, total_steps, generator)
         assert quantizer is not None, "a quantizing method needs a quantizer"
         self.warmup_steps = resolve_point(config.warmup, total_steps, "warmup")
         self.params = Method.quantized_params(self)  # the model's, before the optimizer holds latent copies
-        self.layout = FlatLayout([p.detach() for p in self.params], quantizer.granularity)
+        self.layout = FlatLayout([local(p.detach()) for p in self.params], quantizer.granularity, self.sharded)
         self.quant = FlatQuantizer(quantizer, self.layout)
         self.weights = alias(self.params, self.layout)  # the model's quantized weights, flat (None: copied)
-        self.param_views = [p.detach() for p in self.params]
+        self.param_views = [local(p.detach()) for p in self.params]  # under FSDP: this rank's shards
         self.output = self.weights  # where prox writes the model's weights (a staging buffer when copied)
         self.output_views: list[Tensor] = []
         self.latent_flat: Tensor | None = None  # the latent weights, flat, once QAT has started
@@ -220,13 +226,13 @@ class ProxMethod(Method):
             if group.get("quant"):
                 group["params"] = [replace.get(id(p), p) for p in group["params"]]
         for p, latent in zip(self.params, self.latent_params):
-            if p in self.optimizer.state:
-                self.optimizer.state[latent] = self.optimizer.state.pop(p)
+            if p in self.optimizer.state:  # under FSDP the latent weights are shards: so is their state
+                self.optimizer.state[latent] = {k: local(v) for k, v in self.optimizer.state.pop(p).items()}
 
     def _update_latent(self) -> None:
         """The base optimizer's step on the latent weights, with the gradients taken at the model's weights."""
         for latent, p in zip(self.latent_params, self.params):
-            latent.grad = p.grad
+            latent.grad = local(p.grad)
         self.base_step()
         for latent in self.latent_params:
             latent.grad = None
@@ -237,10 +243,9 @@ class ProxMethod(Method):
             p.grad = None
 
     def _publish(self) -> None:
-        """Where the model's parameters are not views of `target`, copy it into them."""
+        """Where the model's parameters are not views of the output buffer (FSDP's shards), copy it into them."""
         if self.weights is None:
             torch._foreach_copy_(self.param_views, self.output_views)
-
 
     def refresh_levels(self) -> None:
         """Re-estimate the level table of every row from the latent weights."""

@@ -62,6 +62,9 @@ class RunSpec:
         None, "samples per forward on each process, the recipe's batch accumulated over them (None: the whole "
               "batch); not part of the identity: the same gradient up to float reassociation, except for "
               "BatchNorm, whose statistics are a micro-batch's", ge=1)
+    fsdp: bool = param(False, "on several processes: shard parameters, gradients and optimizer state over them "
+                              "(FSDP2; tasks with shard units: llama-*); not part of the identity: the same training "
+                              "up to float reassociation")
     tf32: bool = param(True, "on CUDA: TF32 for fp32 matrix multiplies and convolutions, cudnn.benchmark "
                              "(False: full fp32 and deterministic convolution algorithms)")
 
@@ -146,6 +149,8 @@ def resolve(spec: RunSpec) -> ResolvedRun:
     granularity = check_choice("granularity", spec.granularity or task.default_granularity, ("channel", "tensor"))
     bits = spec.bits if method_cls.quantizes else FP_DIAGNOSTIC_BITS
     quantizer = QuantizerConfig(bits=bits, scheme=scheme, granularity=granularity)
+    if spec.fsdp:
+        _check_shardable(method_cls, task, granularity)
     device = resolve_device(spec.device)
     init = _checkpoint_identity(spec.init) if spec.init else None
     identity = {
@@ -166,6 +171,17 @@ def resolve(spec: RunSpec) -> ResolvedRun:
         "tf32": spec.tf32 and device.type == "cuda",
     }
     return ResolvedRun(spec, method_cls, method_config, task, recipe, quantizer, device, identity)
+
+
+def _check_shardable(method_cls: type[Method], task: Task, granularity: str) -> None:
+    """`--fsdp` needs a task that names its shard units and a method that trains shards at this granularity."""
+    if type(task).shard_units is Task.shard_units:
+        shardable = [name for name in TASKS.names() if TASKS.get(name).shard_units is not Task.shard_units]
+        raise QatbenchError(f"--fsdp: task {task.name!r} cannot be sharded; tasks that can: {', '.join(shardable)}")
+    if granularity not in method_cls.sharded_granularities:
+        able = [name for name in METHODS.names() if granularity in METHODS.get(name).sharded_granularities]
+        raise QatbenchError(f"--fsdp: method {method_cls.name!r} cannot train sharded parameters with "
+                            f"{granularity} granularity; methods that can: {', '.join(able)}")
 
 
 def bind_data(runs: list[ResolvedRun], data_root: Path | None, download: bool) -> list[ResolvedRun]:

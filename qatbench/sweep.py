@@ -11,7 +11,7 @@ A sweep file (see `configs/`) reproduces one paper table:
       parq: {warmup: 200, steepness: 100, anneal_end: 0.75}
     quantizer: lsbq                 # optional: granularity, quantizer, task_args, epochs, batch_size,
                                     # lr, init, precision, compile, channels_last, tf32,
-                                    # micro_batch
+                                    # micro_batch, fsdp
 
 A sweep file is untrusted input with one schema: the run options are the RunSpec's
 typed fields (`qatbench.spec`), so `lr: 1e-2`, `lr: "1e-2"` and `--lr 1e-2` mean the
@@ -42,7 +42,7 @@ LIST_KEYS = ("tasks", "bits", "seeds")
 OPTION_KEYS = {"recipe": "recipe", "granularity": "granularity", "quantizer": "scheme", "task_args": "task_args",
                "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "init": "init", "precision": "precision",
                "compile": "compile", "channels_last": "channels_last", "tf32": "tf32",
-               "micro_batch": "micro_batch"}  # file key -> RunSpec field
+               "micro_batch": "micro_batch", "fsdp": "fsdp"}  # file key -> RunSpec field
 FILE_KEYS = ("task", *LIST_KEYS, "methods", *OPTION_KEYS)
 
 

@@ -16,6 +16,8 @@ import torch
 
 import qatbench
 
+from .sharding import local
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -123,6 +125,7 @@ class PeakMemory:
 def _tensor_bytes(obj: Any, seen: set[int]) -> int:
     """Bytes of every distinct tensor storage in a nested structure of dicts, lists and tensors."""
     if isinstance(obj, torch.Tensor):
+        obj = local(obj)
         key = obj.untyped_storage().data_ptr()
         if key in seen:
             return 0
@@ -138,10 +141,11 @@ def _tensor_bytes(obj: Any, seen: set[int]) -> int:
 def training_state_bytes(model: torch.nn.Module, method: Any) -> dict[str, int]:
     """Bytes of the training state, measured from the tensors, each storage counted once: parameters and
     buffers, gradients (one per trainable parameter, allocated by every backward), the base optimizer's
-    state, and the method's own state (latent weights, level tables, index tensors, buffers)."""
+    state, and the method's own state (latent weights, level tables, index tensors, buffers). Under FSDP: this
+    rank's shards."""
     seen: set[int] = set()
     parameters = sum(_tensor_bytes(t, seen) for t in itertools.chain(model.parameters(), model.buffers()))
-    gradients = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    gradients = sum(local(p).numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     optimizer = _tensor_bytes(method.optimizer.state_dict()["state"], seen)
     state = {k: v for k, v in method.state_dict().items() if k != "optimizer"}
     own = _tensor_bytes([state, method.memory_tensors()], seen)

@@ -137,6 +137,11 @@ class Task(ABC):
     def is_quantized(self, name: str, parameter: nn.Parameter) -> bool:
         """Whether the parameter `name` is trained with QAT."""
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module] | None:
+        """The modules that FSDP2 shards one by one under `--fsdp` (their parameters all-gathered together for
+        their forward and backward; the model itself holds the rest); None: the task is not sharded."""
+        return None
+
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return nn.functional.cross_entropy(output, target)
 

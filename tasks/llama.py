@@ -186,6 +186,9 @@ class LlamaTask(Task):
         return (self.config.quantize_embeddings and name.endswith("embed_tokens.weight")) or \
             (self.config.quantize_head and name == "lm_head.weight")
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.model.layers)  # one FSDP unit per decoder layer; the root holds embeddings and head
+
     def tokens_per_sample(self) -> int:
         return self.config.seq_len
 

@@ -10,6 +10,8 @@ LEVELS = torch.tensor([[-1.0, 1.0]])
 class _Stub:
     """A method whose latent weights the test sets directly, measured against the levels +-1."""
 
+    sharded = False
+
     def __init__(self):
         self.rows = torch.tensor([[-0.5, -0.2, 0.3, 0.9]])
 

@@ -45,7 +45,7 @@ def _quantized_model(scheme, granularity, bits, channels_last=False):
 @pytest.mark.parametrize("bits", [1, TERNARY, 3, 4])
 def test_an_export_rebuilds_the_state_dict_bit_for_bit(tmp_path, scheme, granularity, bits):
     model, levels, config = _quantized_model(scheme, granularity, bits, channels_last=granularity == "channel")
-    summary = export_model(tmp_path / "m.safetensors", model, levels, config, {"identity": {"run": 1}})
+    summary = export_model(tmp_path / "m.safetensors", model.state_dict(), levels, config, {"identity": {"run": 1}})
     loaded = load_export(tmp_path / "m.safetensors")
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict[name], tensor), name
@@ -64,7 +64,7 @@ def test_weights_that_are_not_on_their_levels_are_not_exported(tmp_path):
     with torch.no_grad():
         model[3].weight[0, 0] += 1e-4
     with pytest.raises(QatbenchError, match="3.weight: its weights are not exactly on their levels"):
-        export_model(tmp_path / "m.safetensors", model, levels, config, {})
+        export_model(tmp_path / "m.safetensors", model.state_dict(), levels, config, {})
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -82,7 +82,7 @@ def test_a_damaged_export_is_a_one_line_error(tmp_path, damage, message):
 
     model, levels, config = _quantized_model("uniform", "channel", TERNARY)
     path = tmp_path / "m.safetensors"
-    export_model(path, model, levels, config, {})
+    export_model(path, model.state_dict(), levels, config, {})
     with safe_open(str(path), framework="pt") as f:
         header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     damage(tensors, header)
