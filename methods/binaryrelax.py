@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from qatbench.method import ProxConfig, ProxMethod
+from qatbench.method import EVERY_GRANULARITY, ProxConfig, ProxMethod
 from qatbench.params import param
 from qatbench.quant import hard_quantize
 from qatbench.registry import METHODS
@@ -28,6 +28,8 @@ class BinaryRelax(ProxMethod):
     `p = w` before `anneal_start`; `p = (1 - theta) w + theta hardquant(w)` in between;
     `p = hardquant(w)` from `anneal_end` on.
     """
+
+    sharded_granularities = EVERY_GRANULARITY  # elementwise prox on flat buffers: shards reduce (--fsdp)
 
     Config = BinaryRelaxConfig
 

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from qatbench.method import ProxConfig, ProxMethod
+from qatbench.method import EVERY_GRANULARITY, ProxConfig, ProxMethod
 from qatbench.params import param
 from qatbench.quant import grid, hard_quantize
 from qatbench.registry import METHODS
@@ -75,6 +75,8 @@ class PARQ(ProxMethod):
     sets `rho = 1 / gamma`, with `gamma = max(1, sum of the learning rates so far)`;
     `quant_shrink` applies the prox to `w / gamma`.
     """
+
+    sharded_granularities = EVERY_GRANULARITY  # elementwise prox on flat buffers: shards reduce (--fsdp)
 
     Config = PARQConfig
 

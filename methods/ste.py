@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from qatbench.method import ProxMethod
+from qatbench.method import EVERY_GRANULARITY, ProxMethod
 from qatbench.quant import hard_quantize
 from qatbench.registry import METHODS
 
@@ -17,6 +17,8 @@ class STE(ProxMethod):
     The gradient taken at `p` is applied to the latent `w` unchanged (identity STE):
     `w <- base_step(w, grad L(p))`.
     """
+
+    sharded_granularities = EVERY_GRANULARITY  # elementwise prox on flat buffers: shards reduce (--fsdp)
 
     def prox(self, latent: Tensor, levels: Tensor, t: int) -> Tensor:
         return hard_quantize(latent, levels, evenly_spaced=self.quantizer.evenly_spaced)

@@ -21,7 +21,7 @@ from . import compare, deploy, executors, leaderboard, status
 from .bench import bench, markdown
 from .errors import QatbenchError, check_choice
 from .distributed import init_distributed, shutdown, world_from_environment
-from .harness import RunOptions, run_all
+from .harness import RunOptions, check_fsdp_processes, run_all
 from .params import describe, parse_assignments
 from .progress import LOG_KINDS
 from .quant import parse_bits
@@ -262,6 +262,7 @@ def _cmd_run(specs: list[RunSpec], args: argparse.Namespace, argv: list[str]) ->
         return 0
     _check_writable(args.out)
     if getattr(args, "executor", "inline") != "inline":
+        check_fsdp_processes(specs, args.gpus_per_run)
         return _execute_elsewhere(specs, args, argv)
     options = RunOptions(force=args.force, checkpoint_minutes=args.checkpoint_minutes,
                          keep_checkpoints=args.keep_checkpoints, stale_lock_s=3600 * args.stale_lock_hours,

@@ -168,7 +168,7 @@ def build_training(run: ResolvedRun, steps_per_epoch: int, method_generator: tor
         model.to(memory_format=torch.channels_last)
     if run.spec.fsdp:
         quantized = [name for name, p in model.named_parameters() if run.task.is_quantized(name, p)]
-        shard_model(model, run.task.shard_units(model), quantized, world)
+        shard_model(model, run.task.shard_units(model), quantized, world, run.device)
     optimizer = run.recipe.make_optimizer(run.task.param_groups(model))
     total_steps = run.recipe.epochs * steps_per_epoch
     scheduler = run.recipe.make_scheduler(optimizer, steps_per_epoch)
@@ -679,6 +679,13 @@ def _claim(run: ResolvedRun, files: RunFiles, options: RunOptions) -> tuple[RunL
     return (None, existing) if existing is not None else (lock, None)
 
 
+def check_fsdp_processes(specs: list[Any], processes: int) -> None:
+    """A run with `--fsdp` needs several processes to shard over; a one-line error before anything trains."""
+    if processes < 2 and any(spec.fsdp for spec in specs):
+        raise QatbenchError("--fsdp shards a run over its processes: start it on several (--nproc N, torchrun, or "
+                            "--gpus-per-run N in a sweep)")
+
+
 def run_all(runs: list[ResolvedRun], out_dir: Path, data_root: Path | None = None, download: bool = True,
             force: bool = False, log: Log = print, command: str | None = None,
             options: RunOptions | None = None) -> list[RunRecord]:
@@ -691,9 +698,7 @@ def run_all(runs: list[ResolvedRun], out_dir: Path, data_root: Path | None = Non
     several ranks (torchrun), rank 0 locates the data, takes the locks and writes; every rank trains."""
     options = options or RunOptions(force=force, log=log, command=command)
     world = options.world
-    if not world.distributed and any(run.spec.fsdp for run in runs):
-        raise QatbenchError("--fsdp shards a run over its processes: start it on several (--nproc N, torchrun, or "
-                            "--gpus-per-run N in a sweep)")
+    check_fsdp_processes([run.spec for run in runs], world.size)
     bind_once(runs, data_root, download, world)
     records = []
     with stop_signals(options.stop_signals) as stop:

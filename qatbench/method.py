@@ -25,6 +25,7 @@ from .schedules import resolve_point
 from .sharding import is_sharded, local
 
 Closure = Callable[[], Tensor]
+EVERY_GRANULARITY = frozenset({"channel", "tensor"})
 
 
 class Method(ABC):
@@ -33,8 +34,9 @@ class Method(ABC):
     name: ClassVar[str] = ""  # set by the registry
     Config: ClassVar[type] = NoConfig
     quantizes: ClassVar[bool] = True  # False only for the full-precision baseline
-    # the granularities under which the method trains FSDP's sharded parameters (`--fsdp`), its statistics over
-    # rows and tensors that span the ranks reduced across them; empty: it cannot be sharded
+    # the granularities under which the method trains FSDP's sharded parameters (`--fsdp`): opt in only where
+    # every statistic over a row or a tensor that spans the ranks is reduced across them (`FlatLayout.row_reduce`,
+    # `tensor_reduce`), as a per-tensor `prox(latent, ...)` sees only this rank's part of the row; empty: never
     sharded_granularities: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
@@ -144,7 +146,6 @@ class ProxMethod(Method):
     """
 
     Config: ClassVar[type] = ProxConfig
-    sharded_granularities: ClassVar[frozenset[str]] = frozenset({"channel", "tensor"})
 
     def __init__(self, config: ProxConfig, optimizer, quantizer, total_steps, generator) -> None:
         super().__init__(config, optimizer, quantizer, total_steps, generator)

@@ -41,19 +41,23 @@ def is_sharded(tensors: list[Tensor]) -> bool:
     return any(isinstance(t, DTensor) for t in tensors)
 
 
-def shard_model(model: nn.Module, units: list[nn.Module], quantized: list[str], world: World) -> None:
-    """Apply FSDP2 to each of `units` and then to `model` (what is left: embeddings, head, final norm).
-    Every quantized tensor must have at least one row on each rank (named otherwise)."""
+def shard_model(model: nn.Module, units: list[nn.Module], quantized: list[str], world: World,
+                device: torch.device) -> None:
+    """Apply FSDP2 to each of `units` and then to `model` (what is left: embeddings, head, final norm), over a
+    one-dimensional mesh of the world's ranks on `device`'s type. Every quantized tensor must be a matrix with at
+    least one row on each rank (FSDP splits dim 0 as `torch.chunk`: ceil(rows / ranks) rows a rank)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     for name in quantized:
-        rows = model.get_parameter(name).shape[0]
-        if rows < world.size:
-            raise QatbenchError(f"--fsdp: the quantized tensor {name} has {rows} rows, fewer than the {world.size} "
-                                f"processes that would share it; train it on fewer processes or without --fsdp")
+        shape = model.get_parameter(name).shape
+        if len(shape) < 2 or -(-shape[0] // world.size) * (world.size - 1) >= shape[0]:
+            raise QatbenchError(f"--fsdp: the quantized tensor {name} of shape {tuple(shape)} would leave some of the "
+                                f"{world.size} processes without a row of it; train it on fewer or without --fsdp")
+    mesh = init_device_mesh(device.type, (world.size,))
     for unit in units:
-        fully_shard(unit)
-    fully_shard(model)
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
@@ -65,13 +69,14 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
 @contextlib.contextmanager
 def whole_weights(model: nn.Module) -> Iterator[None]:
     """Inside: the model's parameters are the whole (all-gathered) tensors on every rank, plain tensors, and
-    forwards make no collective call. Writes to them are not kept. Outside FSDP: nothing happens."""
+    forwards make no collective call. Writes to them are not kept. Afterwards each unit reshards after its
+    forward again, the root not (FSDP's defaults, as `shard_model` applies them). Outside FSDP: nothing happens."""
     modules = _fsdp_modules(model)
     if not modules:
         yield
         return
     for module in modules:
-        module.set_reshard_after_forward(False)
+        module.set_reshard_after_forward(False, recurse=False)
     for module in modules:
         module.unshard()
     try:
@@ -79,7 +84,7 @@ def whole_weights(model: nn.Module) -> Iterator[None]:
     finally:
         for module in modules:
             module.reshard()
-            module.set_reshard_after_forward(True)
+            module.set_reshard_after_forward(module is not model, recurse=False)
 
 
 def whole_state_dict(model: nn.Module) -> dict[str, Tensor]:

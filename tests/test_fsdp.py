@@ -110,7 +110,7 @@ def test_levels_of_shards_reduced_over_ranks_are_the_unsharded_levels(scheme, gr
 
 @needs_transformers
 def test_fsdp_trains_what_ddp_trains_on_as_many_ranks_per_channel(corpus, isolated_data_env, tmp_path):
-    argv = ["run", "--method", "fp", "rtn", "parq", "talr", *LLAMA, "--bits", "2", "--epochs", "2",
+    argv = ["run", "--method", "fp", "rtn", "ste", "binaryrelax", "parq", "talr", *LLAMA, "--bits", "2", "--epochs", "2",
             "--task-arg", "steps_per_epoch=3", "--data-root", str(corpus)]
     one = _train(tmp_path / "one", argv)
     ddp = _train(tmp_path / "ddp", argv, ranks=2)
@@ -169,6 +169,8 @@ def test_fsdp_ranks_stop_checkpoint_their_shards_and_resume_to_the_same_result(c
     (["--method", "fp", "--task", "llama-20m", "--granularity", "tensor"], "method 'fp' cannot train sharded"),
     (["--method", "ste", "--task", "mnist-mlp"], "--fsdp: task 'mnist-mlp' cannot be sharded; tasks that can: "
                                                  "llama-130m, llama-20m, llama-300m, llama-60m"),
+    (["--method", "ste", "--task", "llama-20m", "--compile", "default"], "--fsdp with --compile default is not "
+                                                                         "supported yet; valid choice: --compile none"),
 ])
 def test_what_cannot_be_sharded_is_a_one_line_error(extra, message, tmp_path, capsys):
     code = main(["run", *extra, "--bits", "2", "--fsdp", "--out", str(tmp_path), "--no-download"])
@@ -177,9 +179,11 @@ def test_what_cannot_be_sharded_is_a_one_line_error(extra, message, tmp_path, ca
 
 
 @needs_transformers
-def test_fsdp_on_one_process_says_how_to_start_several(corpus, isolated_data_env, tmp_path, capsys):
-    code = main(["run", "--method", "ste", *LLAMA, "--bits", "2", "--fsdp", "--data-root", str(corpus),
-                 "--out", str(tmp_path)])
+@pytest.mark.parametrize("launch", [[], ["--executor", "local", "--workers", "2"]])
+def test_fsdp_on_one_process_says_how_to_start_several(launch, corpus, isolated_data_env, tmp_path, capsys):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("task: llama-20m\nrecipe: smoke\nbits: [2]\nfsdp: true\nmethods: {ste: {}}\n")
+    code = main(["sweep", str(sweep), *launch, "--data-root", str(corpus), "--no-download", "--out", str(tmp_path)])
     error = capsys.readouterr().err
-    assert code == 2 and "--fsdp shards a run over its processes" in error and "--nproc N" in error, error
+    assert code == 2 and "--fsdp shards a run over its processes" in error and "--gpus-per-run N" in error, error
     assert not list(tmp_path.rglob("*.json"))
