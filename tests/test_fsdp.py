@@ -72,45 +72,49 @@ def _exact_weights() -> list[torch.Tensor]:
     return [torch.randint(-64, 65, shape, generator=generator).float() / 64 for shape in ((6, 5), (3, 4), (4, 7))]
 
 
-def _levels_of_shards(rank: int, world: int, port: int, out: Path, config: QuantizerConfig) -> None:
-    """On rank `rank`: the levels of its dim-0 chunks of `_exact_weights()` (FSDP's shards), whole again."""
+CONFIGS = [QuantizerConfig(2, scheme, granularity) for scheme in ("uniform", "lsbq") for granularity in ("channel", "tensor")]
+
+
+def _levels_of_shards(rank: int, world: int, port: int, out: Path) -> None:
+    """On rank `rank`, for each of CONFIGS: the levels of its dim-0 chunks of `_exact_weights()` (FSDP's shards),
+    whole again."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     shards = [w.chunk(world)[rank] for w in _exact_weights()]
-    layout = FlatLayout(shards, config.granularity, split=True)
     flat = torch.cat([shard.reshape(-1) for shard in shards])
-    levels = FlatQuantizer(config, layout).levels(flat)
-    tables = whole_level_tables(layout.table_views(levels.table), rows_span_ranks=config.granularity == "tensor")
-    torch.save({"tables": tables, "sizes": layout.tensor_sizes, "sums": layout.tensor_reduce(flat)}, out / f"{rank}.pt")
+    results = []
+    for config in CONFIGS:
+        layout = FlatLayout(shards, config.granularity, split=True)
+        levels = FlatQuantizer(config, layout).levels(flat)
+        tables = whole_level_tables(layout.table_views(levels.table), rows_span_ranks=config.granularity == "tensor")
+        results.append({"tables": tables, "sizes": layout.tensor_sizes, "sums": layout.tensor_reduce(flat)})
+    torch.save(results, out / f"{rank}.pt")
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("scheme", ["uniform", "lsbq"])
-@pytest.mark.parametrize("granularity", ["channel", "tensor"])
-def test_levels_of_shards_reduced_over_ranks_are_the_unsharded_levels(scheme, granularity, tmp_path):
-    config = QuantizerConfig(2, scheme, granularity)
+def test_levels_of_shards_reduced_over_ranks_are_the_unsharded_levels(tmp_path):
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    torch.multiprocessing.spawn(_levels_of_shards, args=(2, port, tmp_path, config), nprocs=2)
+    torch.multiprocessing.spawn(_levels_of_shards, args=(2, port, tmp_path), nprocs=2)
     weights = _exact_weights()
-    layout = FlatLayout(weights, granularity)
     flat = torch.cat([w.reshape(-1) for w in weights])
-    expected = layout.table_views(FlatQuantizer(config, layout).levels(flat).table)
     for rank in range(2):
-        result = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
-        for table, whole in zip(result["tables"], expected):
-            if scheme == "lsbq" and granularity == "tensor":  # sums of inexact residuals, in another order
-                torch.testing.assert_close(table, whole, rtol=1e-6, atol=0)
-            else:  # a row on one rank, or sums of exact values: bit for bit
-                assert torch.equal(table, whole), (rank, table, whole)
-        assert result["sizes"].tolist() == [30, 12, 28]
-        assert torch.equal(result["sums"], layout.tensor_reduce(flat))
+        for config, result in zip(CONFIGS, torch.load(tmp_path / f"{rank}.pt", weights_only=True)):
+            layout = FlatLayout(weights, config.granularity)
+            expected = layout.table_views(FlatQuantizer(config, layout).levels(flat).table)
+            for table, whole in zip(result["tables"], expected):
+                if config == QuantizerConfig(2, "lsbq", "tensor"):  # sums of inexact residuals, in another order
+                    torch.testing.assert_close(table, whole, rtol=1e-6, atol=0)
+                else:  # a row on one rank, or sums of exact values: bit for bit
+                    assert torch.equal(table, whole), (rank, config, table, whole)
+            assert result["sizes"].tolist() == [30, 12, 28]
+            assert torch.equal(result["sums"], layout.tensor_reduce(flat))
 
 
 @needs_transformers
 def test_fsdp_trains_what_ddp_trains_on_as_many_ranks_per_channel(corpus, isolated_data_env, tmp_path):
-    argv = ["run", "--method", "fp", "rtn", "ste", "binaryrelax", "parq", "talr", *LLAMA, "--bits", "2", "--epochs", "2",
+    argv = ["run", "--method", "fp", "rtn", "binaryrelax", "parq", "talr", *LLAMA, "--bits", "2", "--epochs", "2",
             "--task-arg", "steps_per_epoch=3", "--data-root", str(corpus)]
     one = _train(tmp_path / "one", argv)
     ddp = _train(tmp_path / "ddp", argv, ranks=2)
