@@ -1,5 +1,6 @@
-"""One run sharded with FSDP2 (`--fsdp`, 2 gloo ranks on the CPU): what DDP on as many ranks trains, what one
-process trains up to float reassociation, and it stops, checkpoints and resumes like any run."""
+"""One run sharded with FSDP2 (`--fsdp`; 2 gloo ranks on the CPU, 2 NCCL ranks where there are 2 GPUs): what DDP
+on as many ranks trains, what one process trains up to float reassociation, and it stops, checkpoints and resumes
+like any run."""
 
 from __future__ import annotations
 
@@ -112,10 +113,16 @@ def test_levels_of_shards_reduced_over_ranks_are_the_unsharded_levels(tmp_path):
             assert torch.equal(result["sums"], layout.tensor_reduce(flat))
 
 
+DEVICES = [pytest.param([], id="cpu-gloo"),
+           pytest.param(["--device", "cuda", "--precision", "fp32", "--no-tf32"], id="cuda-nccl",
+                        marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL ranks need 2 CUDA devices"))]
+
+
 @needs_transformers
-def test_fsdp_trains_what_ddp_trains_on_as_many_ranks_per_channel(corpus, isolated_data_env, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fsdp_trains_what_ddp_trains_on_as_many_ranks_per_channel(device, corpus, isolated_data_env, tmp_path):
     argv = ["run", "--method", "fp", "rtn", "binaryrelax", "parq", "talr", *LLAMA, "--bits", "2", "--epochs", "2",
-            "--task-arg", "steps_per_epoch=3", "--data-root", str(corpus)]
+            "--task-arg", "steps_per_epoch=3", "--data-root", str(corpus), *device]
     one = _train(tmp_path / "one", argv)
     ddp = _train(tmp_path / "ddp", argv, ranks=2)
     fsdp = _train(tmp_path / "fsdp", [*argv, "--fsdp"], ranks=2)
