@@ -69,10 +69,12 @@ def save(path: Path, payload: dict[str, Any]) -> tuple[float, int]:
     return time.perf_counter() - start, path.stat().st_size
 
 
-def load(path: Path, run_id: str) -> dict[str, Any] | None:
-    """The checkpoint of run `run_id` at `path`, or None (with a warning) when it cannot be used."""
+def load(path: Path, run_id: str, mmap: bool = False) -> dict[str, Any] | None:
+    """The checkpoint of run `run_id` at `path`, or None (with a warning) when it cannot be used. With `mmap`,
+    its tensors are memory-mapped (private pages) and read as they are used: a rank of a sharded run reads its
+    own shards, not every rank's."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # a damaged file fails in many ways; the run then starts over
         warnings.warn(f"ignoring the unreadable checkpoint {path} ({type(err).__name__}: {err}); starting over",
                       stacklevel=2)

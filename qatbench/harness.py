@@ -403,7 +403,8 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
     position = Position()
     loss_sum = torch.zeros((), device=device)
 
-    saved = checkpoint.load(files.checkpoint, run.run_id) if files and files.checkpoint.exists() else None
+    saved = checkpoint.load(files.checkpoint, run.run_id, mmap=run.spec.fsdp) \
+        if files and files.checkpoint.exists() else None
     if saved is not None:
         if len(saved["ranks"]) != world.size or ("shards" in saved["ranks"][0]) != run.spec.fsdp:
             sharded = " sharded (--fsdp)" if "shards" in saved["ranks"][0] else ""
