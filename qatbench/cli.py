@@ -261,7 +261,7 @@ def _cmd_run(specs: list[RunSpec], args: argparse.Namespace, argv: list[str]) ->
         print(f"{len(runs)} runs{missing}")
         return 0
     _check_writable(args.out)
-    if getattr(args, "executor", "inline") != "inline":
+    if executor != "inline":
         check_fsdp_processes(specs, args.gpus_per_run)
         return _execute_elsewhere(specs, args, argv)
     options = RunOptions(force=args.force, checkpoint_minutes=args.checkpoint_minutes,

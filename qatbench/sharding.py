@@ -51,7 +51,10 @@ def shard_model(model: nn.Module, units: list[nn.Module], quantized: list[str], 
 
     for name in quantized:
         shape = model.get_parameter(name).shape
-        if len(shape) < 2 or -(-shape[0] // world.size) * (world.size - 1) >= shape[0]:
+        if len(shape) < 2:
+            raise QatbenchError(f"--fsdp: the quantized tensor {name} of shape {tuple(shape)} is not a matrix, whose "
+                                f"rows FSDP could split; train it without --fsdp")
+        if -(-shape[0] // world.size) * (world.size - 1) >= shape[0]:
             raise QatbenchError(f"--fsdp: the quantized tensor {name} of shape {tuple(shape)} would leave some of the "
                                 f"{world.size} processes without a row of it; train it on fewer or without --fsdp")
     mesh = init_device_mesh(device.type, (world.size,))

@@ -16,9 +16,11 @@ import torch.distributed as dist
 import torch.multiprocessing
 
 from qatbench.cli import main
+from qatbench.distributed import World
+from qatbench.errors import QatbenchError
 from qatbench.flat import FlatLayout, FlatQuantizer
 from qatbench.quant import QuantizerConfig
-from qatbench.sharding import whole_level_tables
+from qatbench.sharding import shard_model, whole_level_tables
 from qatbench.results import load_records
 from tests.conftest import exports, write_corpus
 from tests.test_distributed import _torchrun
@@ -198,3 +200,14 @@ def test_fsdp_on_one_process_says_how_to_start_several(launch, corpus, isolated_
     error = capsys.readouterr().err
     assert code == 2 and "--fsdp shards a run over its processes" in error and "--gpus-per-run N" in error, error
     assert not list(tmp_path.rglob("*.json"))
+
+
+@pytest.mark.parametrize("shape, world, message", [
+    ((8,), 2, "is not a matrix"),
+    ((5, 3), 4, "would leave some of the 4 processes without a row"),  # FSDP's chunks of 5 rows: 2, 2, 1, 0
+])
+def test_a_quantized_tensor_that_shards_badly_is_named_before_sharding(shape, world, message):
+    model = torch.nn.Module()
+    model.weight = torch.nn.Parameter(torch.zeros(shape))
+    with pytest.raises(QatbenchError, match=message):
+        shard_model(model, [], ["weight"], World(0, world, 0), torch.device("cpu"))
