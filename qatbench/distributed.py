@@ -26,6 +26,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1  # processes of the run on this node
 
     @property
     def distributed(self) -> bool:
@@ -39,8 +40,9 @@ class World:
 def world_from_environment() -> World:
     """The World that torchrun (or submitit's TorchDistributedEnvironment) describes in the environment."""
     try:
-        return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                     int(os.environ.get("LOCAL_RANK", 0)))
+        size = int(os.environ.get("WORLD_SIZE", 1))
+        return World(int(os.environ.get("RANK", 0)), size, int(os.environ.get("LOCAL_RANK", 0)),
+                     int(os.environ.get("LOCAL_WORLD_SIZE", size)))
     except ValueError:
         raise QatbenchError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
 

@@ -32,27 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QatbenchError
+from .options import Settings
 from .signals import STOP_SIGNALS, Stopped, stop_signals
 
 EXECUTORS = ("inline", "local", "slurm", "debug")
 SLURM_SIGNAL_DELAY_S = 120  # seconds between SLURM's warning signal and the kill: time to reach a step and checkpoint
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """How each run is executed (the picklable part of RunOptions)."""
-
-    out: Path
-    data_root: Path | None = None
-    download: bool = True
-    force: bool = False
-    checkpoint_minutes: float = 10.0
-    keep_checkpoints: bool = False
-    stale_lock_s: float = 24 * 3600.0
-    command: str | None = None
-    logs: tuple[str, ...] = ()
-    progress_s: float = 30.0
-    plugins: tuple[str, ...] = ()  # plugin files (`--plugin`), loaded again in every worker process
 
 
 @contextlib.contextmanager
@@ -90,16 +74,14 @@ def run_one(spec: Any, settings: Settings, stop_signals: tuple[int, ...] = STOP_
     for plugin in settings.plugins:
         load_plugin_file(plugin)
     world = world_from_environment()
-    run = resolve(dataclasses.replace(spec, device=init_distributed(world, spec.device)))
+    run = resolve(dataclasses.replace(spec, device=init_distributed(world, spec.device), processes=world.size))
     bind_once([run], settings.data_root, settings.download, world)
     files = RunFiles(record_path(settings.out, run.task.name, run.method_cls.name, run.bits_text, run.spec.seed,
                                  run.run_id))
-    options = RunOptions(force=settings.force, checkpoint_minutes=settings.checkpoint_minutes,
-                         keep_checkpoints=settings.keep_checkpoints, stale_lock_s=settings.stale_lock_s,
-                         log=lambda line: print(line, flush=True), command=settings.command, world=world,
-                         stop_signals=stop_signals, logs=settings.logs, progress_s=settings.progress_s)
+    options = RunOptions.of(settings, log=lambda line: print(line, flush=True), world=world,
+                            stop_signals=stop_signals)
     with output_to(files.record.with_suffix(".log")):
-        records = run_all([run], settings.out, options=options)
+        records = run_all([run], options=options)
     if not records:
         return f"[{run.label}] skipped: held by another process ({files.lock})"
     return summary_line(run.label, records[0], files.record)

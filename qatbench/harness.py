@@ -32,8 +32,9 @@ from .diagnostics import TransitionMonitor
 from .distributed import World, all_reduce, broadcast, gather, gather_to_main, reduce_tensor_
 from .errors import QatbenchError
 from .export import export_model, load_export
-from .locks import STALE_AFTER_S, RunLock, read_lock, touch, try_lock
+from .locks import RunLock, read_lock, touch, try_lock
 from .method import Method
+from .options import Settings
 from .quant import check_exact
 from .results import FINISHED, RunRecord, read_record, record_path, write_record
 from .progress import Progress, StepLog
@@ -71,19 +72,18 @@ class RunFiles:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunOptions:
-    """How runs are executed (none of it changes a run's result)."""
+class RunOptions(Settings):
+    """How runs are executed (`Settings`), and what only the process that executes them has: where its lines
+    go, its place among the processes that train each run together (torchrun), the signals that stop a run
+    at its next step, checkpointed."""
 
-    force: bool = False  # rerun runs whose finished record exists
-    checkpoint_minutes: float = 10.0  # mid-epoch checkpoints at most this often (every epoch's end regardless)
-    keep_checkpoints: bool = False  # keep the last checkpoint after the record is written
-    stale_lock_s: float = STALE_AFTER_S  # report locks untouched this long as probably stale
     log: Log = print
-    command: str | None = None
-    world: World = World()  # the processes that train each run together (torchrun)
-    logs: tuple[str, ...] = ()  # per-step logs beside the record: csv, tensorboard
-    progress_s: float = 30.0  # without a terminal, a progress line every this many seconds (0: none)
-    stop_signals: tuple[int, ...] = STOP_SIGNALS  # signals that stop a run at its next step, checkpointed
+    world: World = World()
+    stop_signals: tuple[int, ...] = STOP_SIGNALS
+
+    @classmethod
+    def of(cls, settings: Settings, **runtime: Any) -> RunOptions:
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(Settings)}, **runtime)
 
 
 @dataclasses.dataclass
@@ -140,11 +140,15 @@ def loss_function(run: ResolvedRun, module: torch.nn.Module) -> LossFn:
 
 
 def prepare_device(run: ResolvedRun) -> None:
-    """The run's device as the current CUDA device (so that pinned memory, streams and libraries' defaults
-    use it) and its CUDA math (its identity's `tf32`): TF32 tensor-core matrix multiplies and convolutions
-    for fp32 (10-bit mantissa products, fp32 accumulation) and cudnn.benchmark's autotuned convolution
-    algorithms, or full fp32 and neither. These are process-wide torch settings, so every run sets them all."""
+    """The settings of the run's identity that decide its float arithmetic, applied to this process (they are
+    process-wide torch settings, so every run sets them all). On the CPU, the threads of torch's intra-op
+    pool (`threads`): how a matrix product or a reduction is split over threads decides the order of its float
+    sums. On CUDA, the run's device as the current one (so that pinned memory, streams and libraries' defaults
+    use it) and its `tf32`: TF32 tensor-core matrix multiplies and convolutions for fp32 (10-bit mantissa
+    products, fp32 accumulation) and cudnn.benchmark's autotuned convolution algorithms, or full fp32 and
+    neither."""
     if run.device.type != "cuda":
+        torch.set_num_threads(run.spec.threads)
         return
     if run.device.index is not None:
         torch.cuda.set_device(run.device)
@@ -435,7 +439,7 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
     clock = SteadyClock(device, min(TIMING_WARMUP_STEPS, training.total_steps // 2),
                         saved["timing"] if saved is not None else None)
     last_checkpoint = time.monotonic()
-    progress = Progress(run.label, training.total_steps, options.progress_s if world.main else 0, log)
+    progress = Progress(run.label, training.total_steps, options.progress_seconds if world.main else 0, log)
     step_log = StepLog(options.logs, files.record) if options.logs and files is not None and world.main else None
 
     def write_checkpoint() -> None:
@@ -622,6 +626,7 @@ def execute(run: ResolvedRun, data_root: Path | None = None, download: bool = Tr
     if run.data_fingerprint is None:
         bind_data([run], data_root, download)
     options = options or RunOptions(log=log, command=command)
+    prepare_device(run)  # before the record notes the environment (its CPU threads)
     record = new_record(run, options.command, options.world)
     start = time.perf_counter()
     try:
@@ -680,31 +685,28 @@ def _claim(run: ResolvedRun, files: RunFiles, options: RunOptions) -> tuple[RunL
     return (None, existing) if existing is not None else (lock, None)
 
 
-def check_fsdp_processes(specs: list[Any], processes: int) -> None:
-    """A run with `--fsdp` needs several processes to shard over; a one-line error before anything trains."""
-    if processes < 2 and any(spec.fsdp for spec in specs):
-        raise QatbenchError("--fsdp shards a run over its processes: start it on several (--nproc N, torchrun, or "
-                            "--gpus-per-run N in a sweep)")
-
-
-def run_all(runs: list[ResolvedRun], out_dir: Path, data_root: Path | None = None, download: bool = True,
-            force: bool = False, log: Log = print, command: str | None = None,
+def run_all(runs: list[ResolvedRun], out_dir: Path | None = None, data_root: Path | None = None,
+            download: bool = True, force: bool = False, log: Log = print, command: str | None = None,
             options: RunOptions | None = None) -> list[RunRecord]:
     """Run each run whose record is missing or unfinished and that no other process is running; write each
-    record as soon as it exists.
+    record as soon as it exists. `options` says everything about how (its `out`, `data_root`, ...); without it,
+    the other arguments do.
 
-    Several processes may share `out_dir`: a run is trained by whoever takes its lock first. A Ctrl-C or a
+    Several processes may share one `out`: a run is trained by whoever takes its lock first. A Ctrl-C or a
     stop signal ends the sweep after the interrupted run's record (and checkpoint) is written; every record
     written before it stays. The stop signal is re-raised as `Stopped`, Ctrl-C as KeyboardInterrupt. On
     several ranks (torchrun), rank 0 locates the data, takes the locks and writes; every rank trains."""
-    options = options or RunOptions(force=force, log=log, command=command)
+    options = options or RunOptions(out=Path(out_dir or "runs"), data_root=data_root, download=download, force=force,
+                                    log=log, command=command)
     world = options.world
-    check_fsdp_processes([run.spec for run in runs], world.size)
-    bind_once(runs, data_root, download, world)
+    for run in runs:
+        if run.spec.processes != world.size:
+            raise QatbenchError(f"{run.label} is a run of {run.spec.processes} processes; this is {world.size}")
+    bind_once(runs, options.data_root, options.download, world)
     records = []
     with stop_signals(options.stop_signals) as stop:
         for run in runs:
-            files = RunFiles(record_path(out_dir, run.task.name, run.method_cls.name, run.bits_text, run.spec.seed,
+            files = RunFiles(record_path(options.out, run.task.name, run.method_cls.name, run.bits_text, run.spec.seed,
                                          run.run_id))
             lock, existing = _claim(run, files, options) if world.main else (None, None)
             train, existing = broadcast((lock is not None, existing))

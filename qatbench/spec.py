@@ -22,7 +22,8 @@ from .data import DataSource
 from .errors import QatbenchError, check_choice
 from .fingerprint import Fingerprint, fingerprint
 from .method import Method
-from .params import build_config, param
+from .options import identity_fields, identity_values, option
+from .params import build_config
 from .quant import MAX_BITS, QuantizerConfig, bits_label
 from .registry import METHODS, TASKS
 from .results import identity_hash
@@ -35,43 +36,82 @@ MAX_SEED = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
+class IdentityContext:
+    """What the effective value of an option in a run's identity may depend on."""
+
+    device_type: str
+    recipe: Recipe
+
+
+def _effective_precision(value: str, context: IdentityContext) -> str:
+    """auto: the recipe's choice on CUDA, fp32 on the CPU."""
+    if value != "auto":
+        return value
+    return context.recipe.cuda_precision if context.device_type == "cuda" else "fp32"
+
+
+def _on_cuda(value: bool, context: IdentityContext) -> bool:
+    return value and context.device_type == "cuda"
+
+
+def _on_cpu(value: int, context: IdentityContext) -> int | None:
+    return value if context.device_type == "cpu" else None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSpec:
     """What the user asked for; `resolve` fills in every default. Built by `make_spec` from the command
-    line or a sweep file, every field coerced and range-checked by its annotation."""
+    line or a sweep file, every field coerced and range-checked by its annotation. Each field declares its
+    flag, its sweep-file key and its part in the identity (`qatbench.options`); method, task, bits and seed
+    are the axes that `qatbench run` and sweep files take as lists, and method, task, recipe, quantizer and
+    init enter the identity resolved (their configurations, the checkpoint's content)."""
 
-    method: str = param("", "method name (`qatbench list methods`)")
-    task: str = param("", "task name (`qatbench list tasks`)")
-    bits: int | None = param(None, "bit width, 0 for ternary; None for a full-precision method", ge=0, le=MAX_BITS)
-    seed: int = param(0, "random seed", ge=0, le=MAX_SEED)
-    recipe: str = param("paper", "smoke | short | paper")
-    method_args: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"help": "method options"})
-    task_args: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"help": "task options"})
-    scheme: str | None = param(None, "level set: uniform | lsbq (None: the task's)")
-    granularity: str | None = param(None, "channel | tensor (None: the task's)")
-    epochs: int | None = param(None, "override the recipe's epochs (0: no training, e.g. rtn from --init)", ge=0)
-    batch_size: int | None = param(None, "override the recipe's batch size", ge=1)
-    lr: float | None = param(None, "override the recipe's learning rate", gt=0)
-    device: str = param("cpu", "cpu | cuda | cuda:N")
-    init: str | None = param(None, "a full-precision checkpoint (state dict) to start from")
-    precision: Literal["auto", "fp32", "bf16"] = param(
-        "auto", "auto (the recipe's choice for the device) | fp32 | bf16 (autocast; evaluation stays fp32)")
-    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = param(
-        "none", "torch.compile mode of the model")
-    channels_last: bool = param(False, "conv weights and image batches in NHWC memory order")
-    micro_batch: int | None = param(
-        None, "samples per forward on each process, the recipe's batch accumulated over them (None: the whole "
-              "batch); not part of the identity: the same gradient up to float reassociation, except for "
-              "BatchNorm, whose statistics are a micro-batch's", ge=1)
-    fsdp: bool = param(False, "on several processes: shard parameters, gradients and optimizer state over them "
-                              "(FSDP2; tasks with shard units: llama-*); not part of the identity: the same training "
-                              "up to float reassociation")
-    tf32: bool = param(True, "on CUDA: TF32 for fp32 matrix multiplies and convolutions, cudnn.benchmark "
-                             "(False: full fp32 and deterministic convolution algorithms)")
+    method: str = option("", "method name (`qatbench list methods`)")
+    task: str = option("", "task name (`qatbench list tasks`)")
+    bits: int | None = option(None, "bit width, 0 for ternary; None for a full-precision method", ge=0, le=MAX_BITS)
+    seed: int = option(0, "random seed", ge=0, le=MAX_SEED)
+    recipe: str = option("paper", "smoke | short | paper", flag="--recipe", sweep=True)
+    method_args: dict[str, Any] = option({}, "a method hyper-parameter, e.g. anneal_end=0.75", flag="--method-arg")
+    task_args: dict[str, Any] = option({}, "a task option, e.g. hidden=64", flag="--task-arg", sweep=True)
+    scheme: str | None = option(None, "level set: uniform | lsbq (default: the task's)", flag="--quantizer",
+                                sweep=True, key="quantizer")
+    granularity: str | None = option(None, "channel | tensor (default: the task's)", flag="--granularity", sweep=True)
+    epochs: int | None = option(None, "override the recipe's epochs (0: no training, e.g. rtn from --init)",
+                                flag="--epochs", sweep=True, ge=0)
+    batch_size: int | None = option(None, "override the recipe's batch size", flag="--batch-size", sweep=True, ge=1)
+    lr: float | None = option(None, "override the recipe's learning rate", flag="--lr", sweep=True, gt=0)
+    device: str = option("cpu", "cpu | cuda | cuda:N", flag="--device")  # the machine's, never a sweep file's
+    init: str | None = option(None, "start from these weights: a run's export (<record>.safetensors, e.g. of a "
+                                    "--method fp run of the task) or a state dict saved with torch.save",
+                              flag="--init", sweep=True, metavar="CHECKPOINT")
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "auto (the recipe's choice on CUDA, fp32 on the CPU) | fp32 | bf16 (autocast; evaluation stays "
+                "fp32)", flag="--precision", sweep=True, identity=_effective_precision)
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = option(
+        "none", "torch.compile the model: default | reduce-overhead (CUDA graphs) | max-autotune",
+        flag="--compile", sweep=True, identity=True, const="default", metavar="MODE")
+    channels_last: bool = option(False, "conv weights and image batches in NHWC memory order",
+                                 flag="--channels-last", sweep=True, identity=True)
+    tf32: bool = option(True, "on CUDA, full fp32 matrix multiplies and deterministic convolution algorithms "
+                              "instead of TF32 and cudnn.benchmark's", flag="--no-tf32", sweep=True,
+                        identity=_on_cuda)
+    threads: int = option(1, "on the CPU, the threads of torch's intra-op pool: they decide the order of float "
+                             "sums, so they are part of the identity", flag="--threads", sweep=True,
+                          identity=_on_cpu, ge=1, metavar="N")
+    micro_batch: int | None = option(
+        None, "gradient accumulation: forward and backward N samples at a time on each process; the recipe's "
+              "batch stays the step's batch", flag="--micro-batch", sweep=True, identity=True, ge=1, metavar="N")
+    fsdp: bool = option(False, "on several processes: shard parameters, gradients and optimizer state over them "
+                               "(FSDP2; tasks with shard units: llama-*) instead of replicating them (DDP)",
+                        flag="--fsdp", sweep=True, identity=True)
+    processes: int = option(1, "processes that train the run together (DDP, FSDP): set from --nproc, torchrun or "
+                               "--gpus-per-run", identity=True, ge=1)
 
 
-def make_spec(values: dict[str, Any], owner: str, noun: str = "option") -> RunSpec:
-    """A RunSpec from raw values (strings from the command line, any YAML scalar from a sweep file)."""
-    return build_config(RunSpec, values, owner, noun)
+def make_spec(values: dict[str, Any], owner: str, noun: str = "option", cls: type = RunSpec) -> RunSpec:
+    """A RunSpec (or `cls`, a subclass with more options) from raw values (strings from the command line, any
+    YAML scalar from a sweep file)."""
+    return build_config(cls, values, owner, noun)
 
 
 @dataclasses.dataclass
@@ -136,13 +176,11 @@ def resolve_device(text: str) -> torch.device:
 
 def resolve(spec: RunSpec) -> ResolvedRun:
     """Look up and validate everything a run needs, before any data is read or training starts."""
-    spec = make_spec(dataclasses.asdict(spec), "run")  # the same checks, however the spec was built
+    spec = make_spec(dataclasses.asdict(spec), "run", cls=type(spec))  # the same checks, however it was built
     method_cls = METHODS.get(spec.method)
     task_cls = TASKS.get(spec.task)
     method_config = build_config(method_cls.Config, spec.method_args, f"method {spec.method!r}")
-    task = task_cls(build_config(task_cls.Config, spec.task_args, f"task {spec.task!r}"))
-    check_choice("recipe", spec.recipe, task.recipes)
-    recipe = task.recipes[spec.recipe].with_overrides(spec.epochs, spec.batch_size, spec.lr)
+    task, recipe = _task_and_recipe(spec, task_cls)
     if method_cls.quantizes and spec.bits is None:
         raise QatbenchError(f"method {spec.method!r} quantizes: give --bits (1..8 or T)")
     scheme = check_choice("quantizer scheme", spec.scheme or task.default_scheme, ("uniform", "lsbq"))
@@ -150,7 +188,7 @@ def resolve(spec: RunSpec) -> ResolvedRun:
     bits = spec.bits if method_cls.quantizes else FP_DIAGNOSTIC_BITS
     quantizer = QuantizerConfig(bits=bits, scheme=scheme, granularity=granularity)
     if spec.fsdp:
-        _check_shardable(method_cls, task, granularity, spec.compile)
+        _check_shardable(method_cls, task, granularity, spec.compile, spec.processes)
     device = resolve_device(spec.device)
     init = _checkpoint_identity(spec.init) if spec.init else None
     identity = {
@@ -164,18 +202,22 @@ def resolve(spec: RunSpec) -> ResolvedRun:
         "seed": spec.seed,
         "device_type": device.type,
         "init": init,
-        "precision": spec.precision if spec.precision != "auto" else (
-            recipe.cuda_precision if device.type == "cuda" else "fp32"),
-        "compile": spec.compile,
-        "channels_last": spec.channels_last,
-        "tf32": spec.tf32 and device.type == "cuda",
+        **identity_values(spec, IdentityContext(device.type, recipe)),
     }
     return ResolvedRun(spec, method_cls, method_config, task, recipe, quantizer, device, identity)
 
 
-def _check_shardable(method_cls: type[Method], task: Task, granularity: str, compile_mode: str) -> None:
-    """`--fsdp` needs a task that names its shard units and a method that trains shards at this granularity;
-    torch.compile of a sharded model is not tried yet."""
+def _task_and_recipe(spec: RunSpec, task_cls: type[Task]) -> tuple[Task, Recipe]:
+    """The task built from its options, and its recipe with the run's overrides."""
+    task = task_cls(build_config(task_cls.Config, spec.task_args, f"task {spec.task!r}"))
+    check_choice("recipe", spec.recipe, task.recipes)
+    return task, task.recipes[spec.recipe].with_overrides(spec.epochs, spec.batch_size, spec.lr)
+
+
+def _check_shardable(method_cls: type[Method], task: Task, granularity: str, compile_mode: str,
+                     processes: int) -> None:
+    """`--fsdp` needs several processes, a task that names its shard units and a method that trains shards at
+    this granularity; torch.compile of a sharded model is not tried yet."""
     if compile_mode != "none":
         raise QatbenchError(f"--fsdp with --compile {compile_mode} is not supported yet; valid choice: --compile none")
     if type(task).shard_units is Task.shard_units:
@@ -185,6 +227,9 @@ def _check_shardable(method_cls: type[Method], task: Task, granularity: str, com
         able = [name for name in METHODS.names() if granularity in METHODS.get(name).sharded_granularities]
         raise QatbenchError(f"--fsdp: method {method_cls.name!r} cannot train sharded parameters with "
                             f"{granularity} granularity; methods that can: {', '.join(able)}")
+    if processes < 2:
+        raise QatbenchError("--fsdp shards a run over its processes: start it on several (--nproc N, torchrun, or "
+                            "--gpus-per-run N in a sweep)")
 
 
 def bind_data(runs: list[ResolvedRun], data_root: Path | None, download: bool) -> list[ResolvedRun]:
@@ -216,37 +261,71 @@ def _checkpoint_identity(path_text: str) -> dict[str, str]:
 
 IDENTITY_KEYS = ("method", "method_config", "task", "task_config", "recipe", "recipe_config", "quantizer", "seed",
                  "precision", "compile", "channels_last", "data")
+"""What every recorded identity holds (the options added since, such as `threads`, only in newer ones)."""
+
+
+def _plugin(registry: Any, name: Any) -> Any:
+    """`registry.get(name)`, saying how to load a plugin when the name is unknown."""
+    try:
+        return registry.get(name)
+    except QatbenchError as err:
+        raise QatbenchError(f"{err} (a plugin's {registry.kind}? pass --plugin FILE.py that defines it)") from None
+
+
+def _check_identity(identity: Any) -> dict[str, Any]:
+    missing = [k for k in IDENTITY_KEYS if not isinstance(identity, dict) or k not in identity]
+    if missing:
+        raise QatbenchError(f"not a run identity (it lacks {', '.join(missing)})")
+    return identity
+
+
+def _recorded_spec(identity: Any, device: str, quantizes: bool) -> RunSpec:
+    """The RunSpec that a recorded identity describes, every value checked by the schema. An option the
+    identity holds as its effective value None (the CPU threads of a CUDA run) is rebuilt with its default."""
+    quantizer, recipe = identity["quantizer"], identity["recipe_config"]
+    if not isinstance(quantizer, dict) or not isinstance(recipe, dict):
+        raise QatbenchError("not a run identity (its quantizer or recipe is not a mapping)")
+    options = {k: identity[k] for k in identity_fields(RunSpec) if identity.get(k) is not None}
+    return make_spec({**options, "method": identity["method"], "task": identity["task"], "seed": identity["seed"],
+                      "bits": quantizer.get("bits") if quantizes else None, "recipe": identity["recipe"],
+                      "method_args": identity["method_config"], "task_args": identity["task_config"],
+                      "scheme": quantizer.get("scheme"), "granularity": quantizer.get("granularity"),
+                      "epochs": recipe.get("epochs"), "batch_size": recipe.get("batch_size"), "lr": recipe.get("lr"),
+                      "device": device}, "recorded run")
+
+
+def _check_recorded(identity: dict[str, Any], rebuilt: dict[str, Any], keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if json.loads(json.dumps(rebuilt[key])) != identity[key]:  # as JSON holds it: tuples are lists
+            raise QatbenchError(f"the recorded run's {key} is not what this qatbench resolves it to "
+                                f"({identity[key]!r} vs {rebuilt[key]!r}): the code has changed since")
 
 
 def resolve_identity(identity: Any, device: str = "cpu") -> ResolvedRun:
     """The run that a record's or an export's identity describes, rebuilt through the registries (no `--init`:
     what is rebuilt loads its weights from the run's checkpoint or export). The identity is untrusted: every
-    value goes through the RunSpec schema, and the rebuilt recipe and configurations must be the recorded ones."""
-    missing = [k for k in IDENTITY_KEYS if not isinstance(identity, dict) or k not in identity]
-    if missing:
-        raise QatbenchError(f"not a run identity (it lacks {', '.join(missing)})")
-    quantizer, recipe = identity["quantizer"], identity["recipe_config"]
-    if not isinstance(quantizer, dict) or not isinstance(recipe, dict):
-        raise QatbenchError("not a run identity (its quantizer or recipe is not a mapping)")
-    method_cls = METHODS.get(identity["method"])
-    spec = make_spec({"method": identity["method"], "task": identity["task"], "seed": identity["seed"],
-                      "bits": quantizer.get("bits") if method_cls.quantizes else None, "recipe": identity["recipe"],
-                      "method_args": identity["method_config"], "task_args": identity["task_config"],
-                      "scheme": quantizer.get("scheme"), "granularity": quantizer.get("granularity"),
-                      "epochs": recipe.get("epochs"), "batch_size": recipe.get("batch_size"), "lr": recipe.get("lr"),
-                      "device": device, "precision": identity["precision"], "compile": identity["compile"],
-                      "channels_last": identity["channels_last"],
-                      "tf32": identity.get("tf32", False)}, "recorded run")
-    run = resolve(spec)
-    for key in ("method_config", "task_config", "recipe_config", "quantizer", "precision"):
-        if json.loads(json.dumps(run.base_identity[key])) != identity[key]:  # as JSON holds it: tuples are lists
-            raise QatbenchError(f"the recorded run's {key} is not what this qatbench resolves it to "
-                                f"({identity[key]!r} vs {run.base_identity[key]!r}): the code has changed since")
-    # where it ran: a CUDA run rebuilt on the CPU keeps its recorded device type and TF32 setting (and a
-    # record from before the TF32 setting existed has none), so the rebuilt identity hashes to its run id
+    value goes through the RunSpec schema, and the rebuilt recipe and configurations must be the recorded ones.
+    What describes where it ran (device type, the CPU threads, TF32, processes, ...) is kept as recorded, and an
+    option the identity lacks (recorded before the option existed) is left out, so that the rebuilt identity
+    hashes to the run's id."""
+    method_cls = _plugin(METHODS, _check_identity(identity)["method"])
+    run = resolve(_recorded_spec(identity, device, method_cls.quantizes))
+    _check_recorded(identity, run.base_identity, ("method_config", "task_config", "recipe_config", "quantizer",
+                                                  "precision"))
     run.base_identity.update(device_type=identity.get("device_type"), init=identity.get("init"))
-    if "tf32" in identity:
-        run.base_identity["tf32"] = identity["tf32"]
-    else:
-        del run.base_identity["tf32"]
+    for key in identity_fields(RunSpec):
+        if key in identity:
+            run.base_identity[key] = identity[key]
+        else:
+            del run.base_identity[key]
     return run
+
+
+def resolve_task(identity: Any, device: str = "cpu") -> tuple[Task, Recipe, RunSpec]:
+    """The task, its recipe and the options of the run that a recorded identity describes, without its method
+    (which evaluating the run's exported weights does not need: a plugin method's export evaluates without it)."""
+    spec = _recorded_spec(_check_identity(identity), device, quantizes=False)
+    task, recipe = _task_and_recipe(spec, _plugin(TASKS, spec.task))
+    _check_recorded(identity, {"task_config": dataclasses.asdict(task.config),
+                               "recipe_config": dataclasses.asdict(recipe)}, ("task_config", "recipe_config"))
+    return task, recipe, spec

@@ -9,9 +9,8 @@ A sweep file (see `configs/`) reproduces one paper table:
     methods:                        # each method with its own hyper-parameters
       fp: {}
       parq: {warmup: 200, steepness: 100, anneal_end: 0.75}
-    quantizer: lsbq                 # optional: granularity, quantizer, task_args, epochs, batch_size,
-                                    # lr, init, precision, compile, channels_last, tf32,
-                                    # micro_batch, fsdp
+    quantizer: lsbq                 # optional: any run option that RunSpec lets sweeps set
+                                    # (granularity, task_args, epochs, lr, threads, ...)
 
 A sweep file is untrusted input with one schema: the run options are the RunSpec's
 typed fields (`qatbench.spec`), so `lr: 1e-2`, `lr: "1e-2"` and `--lr 1e-2` mean the
@@ -25,6 +24,7 @@ locked, so shards and whole sweeps may overlap.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 from pathlib import Path
@@ -36,25 +36,32 @@ from .errors import QatbenchError, valid_choices
 from .quant import parse_bits
 from .params import build_config
 from .registry import METHODS, TASKS
+from .options import sweep_keys
 from .spec import RunSpec, make_spec
 
 LIST_KEYS = ("tasks", "bits", "seeds")
-OPTION_KEYS = {"recipe": "recipe", "granularity": "granularity", "quantizer": "scheme", "task_args": "task_args",
-               "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "init": "init", "precision": "precision",
-               "compile": "compile", "channels_last": "channels_last", "tf32": "tf32",
-               "micro_batch": "micro_batch", "fsdp": "fsdp"}  # file key -> RunSpec field
-FILE_KEYS = ("task", *LIST_KEYS, "methods", *OPTION_KEYS)
+
+
+def file_keys(spec_cls: type = RunSpec) -> tuple[str, ...]:
+    """Every key a sweep file may hold: the axes, and the run options whose fields say sweeps may set them."""
+    return ("task", *LIST_KEYS, "methods", *sweep_keys(spec_cls))
 
 
 def expand(tasks: list[str], methods: dict[str, dict[str, Any]], bits: list[int | None], seeds: list[Any],
-           owner: str = "command line", **common: Any) -> list[RunSpec]:
+           owner: str = "command line", spec_cls: type = RunSpec, **common: Any) -> list[RunSpec]:
     """One RunSpec per task x method x bits x seed; a full-precision method runs once per seed.
-    Every value is checked and coerced by the RunSpec's schema (errors name `owner`)."""
+    Every value is checked and coerced by the RunSpec's schema (errors name `owner`); a task, bit width or seed
+    listed twice is an error (it would train one run and count it twice)."""
     specs = []
     for task, (method, method_args), seed in itertools.product(tasks, methods.items(), seeds):
         for b in (bits if METHODS.get(method).quantizes else [None]):
             values = {"method": method, "task": task, "bits": b, "seed": seed, "method_args": method_args, **common}
-            specs.append(make_spec(values, owner))
+            specs.append(make_spec(values, owner, cls=spec_cls))
+    axes = [(s.task, s.method, s.bits, s.seed) for s in specs]
+    for (task, method, b, seed), count in collections.Counter(axes).items():
+        if count > 1:
+            raise QatbenchError(f"{owner}: {task} {method} bits {b} seed {seed} is listed {count} times (a task, bit "
+                                "width or seed given twice); each run trains once")
     return specs
 
 
@@ -83,7 +90,7 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _read(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except OSError as err:
@@ -96,7 +103,7 @@ def _read(path: Path) -> dict[str, Any]:
         message = " ".join(str(err).split())
         raise QatbenchError(f"sweep file {str(path)!r} is not valid YAML: {message}") from None
     if not isinstance(data, dict):
-        raise QatbenchError(f"sweep file {str(path)!r} must be a mapping of {', '.join(FILE_KEYS)}")
+        raise QatbenchError(f"sweep file {str(path)!r} must be a mapping of {', '.join(keys)}")
     return data
 
 
@@ -124,13 +131,14 @@ def _bits(owner: str, values: list[Any]) -> list[int]:
     return bits
 
 
-def load_sweep(path: Path, device: str) -> list[RunSpec]:
+def load_sweep(path: Path, device: str, spec_cls: type = RunSpec) -> list[RunSpec]:
     """The runs of a YAML sweep file, on `device` (a property of the machine, not of the file)."""
-    data = _read(path)
+    keys = file_keys(spec_cls)
+    data = _read(path, keys)
     owner = f"sweep file {str(path)!r}"
     for key in data:
-        if key not in FILE_KEYS:
-            raise QatbenchError(f"{owner}: unknown key {key!r}; {valid_choices(str(key), FILE_KEYS)}")
+        if key not in keys:
+            raise QatbenchError(f"{owner}: unknown key {key!r}; {valid_choices(str(key), keys)}")
     if ("task" in data) == ("tasks" in data):
         raise QatbenchError(f"{owner} needs 'task' (one name) or 'tasks' (a list), not both or neither")
     tasks = _names(owner, "tasks", data["tasks"]) if "tasks" in data else _names(owner, "task", [data["task"]])
@@ -149,9 +157,10 @@ def load_sweep(path: Path, device: str) -> list[RunSpec]:
     for seed in seeds:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise QatbenchError(f"{owner}: seeds entry {seed!r} is not an integer")
-    common = {OPTION_KEYS[k]: v for k, v in data.items() if k in OPTION_KEYS}
-    return expand(tasks, {m: dict(a or {}) for m, a in methods.items()}, bits, seeds, owner=owner, device=device,
-                  **common)
+    options = sweep_keys(spec_cls)
+    common = {options[k]: v for k, v in data.items() if k in options}
+    return expand(tasks, {m: dict(a or {}) for m, a in methods.items()}, bits, seeds, owner=owner,
+                  spec_cls=spec_cls, device=device, **common)
 
 
 def shard(specs: list[RunSpec], text: str) -> list[RunSpec]:

@@ -7,7 +7,8 @@ import signal
 
 import torch
 
-from qatbench.cli import main
+from qatbench.cli import _command, main
+from qatbench.distributed import World
 from qatbench.results import load_records
 from tests.conftest import assert_same_training, exports
 from tests.test_lifecycle import qatbench_process, stalled_process
@@ -28,6 +29,16 @@ def test_two_gloo_ranks_train_what_one_process_trains(idx_root, isolated_data_en
     assert code == 0 and "4 runs on 2 processes each, 4 ok" in output, output
     two = assert_same_training(tmp_path / "one", tmp_path / "two")
     assert all(r.environment["world_size"] == 2 and len(r.environment["devices"]) == 2 for r in two)
+    assert all(r.spec["processes"] == 2 and r.command.endswith("--nproc 2") for r in two)  # re-creates the run
+
+
+def test_the_recorded_command_says_how_many_processes_ran():
+    argv = ["run", "--method", "ste", "--task", "mnist-mlp"]
+    assert _command(argv, World()) == "qatbench run --method ste --task mnist-mlp"
+    assert _command(argv, World(1, 4, 1, 4)) == "qatbench run --method ste --task mnist-mlp --nproc 4"
+    assert _command([*argv, "--nproc", "4"], World(1, 4, 1, 4)).count("--nproc") == 1
+    assert _command(argv, World(5, 8, 1, 4)) == ("torchrun --nnodes=2 --nproc-per-node=4 -m qatbench run --method ste "
+                                                "--task mnist-mlp")
 
 
 def test_two_ranks_accumulating_micro_batches_train_what_one_process_trains(idx_root, isolated_data_env, tmp_path):

@@ -22,7 +22,7 @@ from qatbench.flat import FlatLayout, FlatQuantizer
 from qatbench.quant import QuantizerConfig
 from qatbench.sharding import shard_model, whole_level_tables
 from qatbench.results import load_records
-from tests.conftest import exports, write_corpus
+from tests.conftest import assert_same_experiments, exports, write_corpus
 from tests.test_distributed import _torchrun
 from tests.test_lifecycle import stalled_process
 
@@ -53,7 +53,7 @@ def _compare(reference: Path, other: Path, metric_rel: float, weight_atol: float
     (and level tables) within `weight_atol` and, unless `changed_share` is None, at most that share of the packed
     level indices' bytes different (0: every quantized weight on the same level); the records of `other`."""
     one, two = load_records([reference]), load_records([other])
-    assert {r.run_id for r in one} == {r.run_id for r in two} and len(one) == len(two)
+    assert_same_experiments(one, two)
     for a, b in zip(sorted(one, key=lambda r: r.method), sorted(two, key=lambda r: r.method)):
         assert b.status == "ok" and b.exactness["passed"] is not False, b.message
         assert b.metric == pytest.approx(a.metric, rel=metric_rel), a.method
