@@ -6,6 +6,7 @@ Every user error is printed as one line (`qatbench: error: ...`), never a traceb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -14,6 +15,7 @@ import shlex
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +125,9 @@ def _build_parser(spec_cls: type = RunSpec) -> argparse.ArgumentParser:
     board.add_argument("-o", "--out", type=Path, default=None,
                        help="write <task>.md files (and figures, README.md) here (default: print to stdout)")
     board.add_argument("--format", default="md", help="md | csv | json | latex (default: md)")
+    board.add_argument("--allow-conflicts", action="store_true",
+                       help="publish even where records of one seed disagree with nothing recorded to explain it "
+                            "(the first counts; every value is listed on the page)")
 
     comparison = sub.add_parser("compare", parents=[plugins],
                                 help="per cell, what changed between two sets of records and whether it is significant")
@@ -366,14 +371,23 @@ def _print_entry(name: str, cls: type) -> None:
         print(f"      {field}: {type_name} = {default!r}  {help_text}")
 
 
-def _load_with_warnings(paths: list[Path]) -> list[Any]:
-    """Records from files and folders; each skipped file is one warning line on stderr."""
+@contextlib.contextmanager
+def _warnings_printed() -> Iterator[None]:
+    """Every warning raised in the block is one line on stderr (`qatbench: warning: ...`), also when it ends in
+    an error."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        records = load_records(paths)
-    for w in caught:
-        print(f"qatbench: warning: {w.message}", file=sys.stderr)
-    return records
+        try:
+            yield
+        finally:
+            for w in caught:
+                print(f"qatbench: warning: {w.message}", file=sys.stderr)
+
+
+def _load_with_warnings(paths: list[Path]) -> list[Any]:
+    """Records from files and folders; each skipped file is one warning line on stderr."""
+    with _warnings_printed():
+        return load_records(paths)
 
 
 def _print_block(text: str) -> None:
@@ -384,12 +398,13 @@ def _print_block(text: str) -> None:
 def _cmd_leaderboard(args: argparse.Namespace, argv: list[str]) -> int:
     records = _load_with_warnings(args.records)
     regenerate = shlex.join(["qatbench", *argv])
-    if args.out is None:
-        for text in leaderboard.render(records, args.format, regenerate).values():
-            _print_block(text)
-        return 0
-    for path in leaderboard.write(records, args.out, regenerate, fmt=args.format):
-        print(f"wrote {path}")
+    with _warnings_printed():
+        if args.out is None:
+            texts = leaderboard.render(records, args.format, regenerate, args.allow_conflicts).values()
+        else:
+            paths = leaderboard.write(records, args.out, regenerate, args.format, args.allow_conflicts)
+    for line in texts if args.out is None else (f"wrote {path}" for path in paths):
+        _print_block(line)
     return 0
 
 

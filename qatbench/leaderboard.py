@@ -13,8 +13,11 @@ numbers where known, and figures.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from . import stats
+from .atomic import write_text_atomic
 from .errors import QatbenchError
 from .plots import (
     metric_vs_bits_plot,
@@ -34,8 +38,12 @@ from .results import RunRecord
 from .task import published
 
 FORMATS = {"md": "md", "csv": "csv", "json": "json", "latex": "tex"}  # format -> file extension
-BUDGET_KEYS = ("epochs", "batch_size", "optimizer")  # recipe keys that define a section; the others are per row
-SHARED_SHOWN = ("recipe", "lr", "lr_schedule", "weight_decay", "scheme", "granularity", "precision")
+BUDGET_KEYS = ("epochs", "epoch_steps", "batch_size", "optimizer")  # recipe keys of a section; the others per row
+NOT_ROW_KEYS = ("method", "method_config", "task", "task_config", "seed", "data", "device_type", "recipe_config",
+                "quantizer")  # identity keys a row label never names (the cell, the section, or expanded below)
+ENVIRONMENT_KEYS = ("git_commit", "torch", "cuda", "device_name", "python")  # what can explain two results of a run
+SHARED_SHOWN = ("recipe", "lr", "lr_schedule", "weight_decay", "scheme", "granularity", "precision", "threads",
+                "processes")
 MB = 2**20
 CELL_COLUMNS = [  # the columns of the CSV and JSON formats, one row per cell
     "task", "section", "row", "method", "quantized", "bits", "metric_name", "higher_is_better", "n", "mean", "std",
@@ -51,6 +59,7 @@ CELL_COLUMNS = [  # the columns of the CSV and JSON formats, one row per cell
 def records_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
     """One row per record, with its section (budget), its row configuration and the measured values."""
     frame = pd.DataFrame([_record_row(r) for r in records])
+    frame = frame.sort_values("source", kind="stable", ignore_index=True)  # which of two records counts: the first
     numeric = ["metric", "step_ms", "train_s", "state_mb", "peak_mb", "peak_reserved_mb", "packed_mb", "fp32_mb",
                "transition_rate"]
     return frame.astype({c: float for c in numeric})
@@ -62,7 +71,10 @@ def _record_row(r: RunRecord) -> dict[str, Any]:
     quantized = bool(getattr(r, "quantized", r.bits is not None))
     memory = r.memory or {}
     export = getattr(r, "export", None) or {}
+    environment = r.environment or {}
     return {
+        "run_id": r.run_id, "source": r.source or "", "environment": json.dumps(
+            {k: environment.get(k) for k in ENVIRONMENT_KEYS}, sort_keys=True, default=str),
         "task": r.task, "method": r.method, "quantized": quantized, "bits": bits_label(r.bits) if quantized else "FP",
         "bits_order": bits_order(r.bits if quantized else None), "seed": r.seed, "status": r.status,
         "metric": r.metric, "metric_name": r.metric_name, "higher_is_better": r.higher_is_better,
@@ -86,23 +98,27 @@ def _mb(value: float | None) -> float | None:
 
 
 def section_key(spec: dict[str, Any]) -> str:
-    """The training budget a record belongs to, as a heading: epochs, batch size, optimizer, device type and the
-    task's options. Everything else of the spec (LR included) is a property of the row."""
+    """The training budget a record belongs to, as a heading: epochs (and their step cap), batch size,
+    optimizer, device type, the task's options and the data. Everything else of the spec (LR included) is a
+    property of the row."""
     recipe = spec.get("recipe_config") or {}
-    text = (f"{recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}, {recipe.get('optimizer')} "
+    steps = f" of at most {recipe['epoch_steps']} steps" if recipe.get("epoch_steps") else ""
+    text = (f"{recipe.get('epochs')} epochs{steps}, batch {recipe.get('batch_size')}, {recipe.get('optimizer')} "
             f"on {spec.get('device_type')}")
     options = spec.get("task_config") or {}
-    return text + ("; " + ", ".join(f"{k}={_value_text(v)}" for k, v in sorted(options.items())) if options else "")
+    text += "; " + ", ".join(f"{k}={_value_text(v)}" for k, v in sorted(options.items())) if options else ""
+    return text + (f"; data {spec['data']}" if spec.get("data") else "")
 
 
 def _row_config(spec: dict[str, Any], quantized: bool) -> dict[str, Any]:
-    """The hyper-parameters shared by every method that a row may set for itself: the recipe and its keys
-    outside the budget (LR, schedule, ...), the quantizer (for quantized runs: the FP baseline's quantizer only
-    measures transitions), the precision and the initial checkpoint."""
+    """Everything in a run's identity that is neither its cell (method, bits, seed) nor its section (budget, task,
+    data, device type): the recipe's keys outside the budget (LR, schedule, ...), the quantizer (for quantized runs:
+    the FP baseline's quantizer only measures transitions) and every run option (precision, threads, processes,
+    ...), so that two runs of one seed in one cell are runs of one identity."""
     recipe = {k: v for k, v in (spec.get("recipe_config") or {}).items() if k not in BUDGET_KEYS}
     quantizer = {k: v for k, v in (spec.get("quantizer") or {}).items() if k != "bits"} if quantized else {}
-    return {"recipe": spec.get("recipe"), **recipe, **quantizer, "precision": spec.get("precision"),
-            "init": spec.get("init")}
+    rest = {k: v for k, v in spec.items() if k not in NOT_ROW_KEYS}
+    return {**rest, **recipe, **quantizer}
 
 
 def _value_text(value: Any) -> str:
@@ -140,23 +156,82 @@ def _finished(frame: pd.DataFrame) -> pd.Series:
     return (frame["status"] == "ok") & frame["metric"].map(math.isfinite)
 
 
+SAMPLE_KEYS = ["task", "section", "row", "bits", "seed"]  # one sample of a cell: one seed of one configuration
+
+
 def finished_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """The records of `frame` that enter the tables, labelled by `label_rows` (so that a failed run's settings
-    never change a label)."""
-    return label_rows(frame[_finished(frame)])
+    never change a label), one per seed of a cell (per side, when `frame` has sides): where two records are one
+    sample (a conflict, `conflicts`), the first in file order counts."""
+    labelled = label_rows(frame[_finished(frame)])
+    sample = [*SAMPLE_KEYS, "side"] if "side" in labelled else SAMPLE_KEYS
+    return labelled.drop_duplicates(sample, keep="first")
+
+
+@dataclasses.dataclass(frozen=True)
+class Conflict:
+    """Two or more finished records of one seed of one cell whose metrics differ: a finding, never averaged."""
+
+    task: str
+    cell: str  # task, section, row, bits and seed, as text
+    entries: tuple[tuple[str, float], ...]  # (file, metric) of each record, the one that counts first
+    explained_by: tuple[str, ...]  # what differs between them: identity keys (threads, ...) or environment keys
+
+    @property
+    def explained(self) -> bool:
+        return bool(self.explained_by)
+
+    def describe(self) -> str:
+        values = "; ".join(f"{metric!r} in {source}" for source, metric in self.entries)
+        why = f"they differ in {', '.join(self.explained_by)}" if self.explained else "nothing recorded differs"
+        return f"{self.cell}: {values} ({why}; the first counts)"
+
+
+def conflicts(frame: pd.DataFrame) -> list[Conflict]:
+    """Every seed of a cell that finished records disagree on: their metrics differ (a copy with the same result
+    is no conflict). Explained where their identities (the run ids differ, e.g. in the thread count of records
+    older than it) or their environments (commit, torch, CUDA, device, Python) differ."""
+    found = []
+    for key, group in label_rows(frame[_finished(frame)]).groupby(SAMPLE_KEYS, sort=True):
+        if len(group) < 2 or group["metric"].nunique() < 2:
+            continue
+        specs = [json.loads(c) for c in group["row_config"]]
+        differ = [k for k in _varying_keys(specs, absent_differs=True)] if group["run_id"].nunique() > 1 else []
+        environments = [json.loads(e) for e in group["environment"]]
+        differ += [k for k in _varying_keys(environments, absent_differs=True)]
+        task, section, row, bits, seed = key
+        found.append(Conflict(task, f"{task} [{section}] {row} bits {bits} seed {seed}",
+                              tuple(zip(group["source"], group["metric"])), tuple(differ)))
+    return found
 
 
 # ---------------------------------------------------------------- frame -> cells
 
 
-def cells(records: Sequence[RunRecord]) -> pd.DataFrame:
+def cells(records: Sequence[RunRecord], allow_conflicts: bool = False) -> pd.DataFrame:
     """One row per (task, section, row, bits) over the finished runs, with the columns of `CELL_COLUMNS`: the
     summary and interval, the verdict against the best cell of its column, the difference to the section's FP
     baseline, the paper's number, and the cost."""
     if not records:
         raise QatbenchError("no run records found")
     frame = records_frame(records)
+    checked_conflicts(frame, allow_conflicts)
     return cell_frame(finished_rows(frame))
+
+
+def checked_conflicts(frame: pd.DataFrame, allow: bool) -> list[Conflict]:
+    """The conflicts of `frame`, each one a warning; a one-line error where one is unexplained (nothing recorded
+    differs between its records), unless `allow`: a table is not published over a finding nobody looked at."""
+    found = conflicts(frame)
+    for conflict in found:
+        warnings.warn(f"conflict: {conflict.describe()}", stacklevel=2)
+    unexplained = [c for c in found if not c.explained]
+    if unexplained and not allow:
+        raise QatbenchError(f"{len(unexplained)} seed(s) of a cell have records that disagree and nothing recorded "
+                            f"explains it (first: {unexplained[0].describe()}); find out why, or pass "
+                            "--allow-conflicts to publish with the first record of each counted and every value "
+                            "listed")
+    return found
 
 
 def cell_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -272,14 +347,15 @@ def _with_published(table: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- formats
 
 
-def render(records: Sequence[RunRecord], fmt: str, regenerate: str) -> dict[str, str]:
+def render(records: Sequence[RunRecord], fmt: str, regenerate: str,
+           allow_conflicts: bool = False) -> dict[str, str]:
     """{task: text} in `fmt`: md (the leaderboard page), csv or json (one row per cell, the columns of
     `CELL_COLUMNS`), latex (a booktabs tabular of each section's metric table)."""
     if fmt not in FORMATS:
         raise QatbenchError(f"unknown leaderboard format {fmt!r}; valid: {', '.join(FORMATS)}")
     if fmt == "md":
-        return build(records, regenerate)
-    table = cells(records)
+        return build(records, regenerate, allow_conflicts=allow_conflicts)
+    table = cells(records, allow_conflicts)
     tables = {task: table[table["task"] == task] for task in sorted({r.task for r in records})}
     if fmt == "latex":
         return {task: _latex(task, group, regenerate) for task, group in tables.items()}
@@ -484,9 +560,10 @@ def _figures(task: str, number: int, section: pd.DataFrame, records: pd.DataFram
     return out
 
 
-def task_markdown(task: str, frame: pd.DataFrame, regenerate: str, plot_dir: Path | None = None) -> str:
-    """The whole leaderboard page of one task from its records (`records_frame`); with `plot_dir`, its figures are
-    written there."""
+def task_markdown(task: str, frame: pd.DataFrame, regenerate: str, plot_dir: Path | None = None,
+                  found: Sequence[Conflict] = ()) -> str:
+    """The whole leaderboard page of one task from its records (`records_frame`), listing its conflicts `found`;
+    with `plot_dir`, its figures are written there."""
     finished = finished_rows(frame)
     table = cell_frame(finished)
     parts = [f"# {task}\n"]
@@ -503,9 +580,20 @@ def task_markdown(task: str, frame: pd.DataFrame, regenerate: str, plot_dir: Pat
         parts.append(f"Runs left out of the tables ({counts}):")
         parts.append(_table(["method", "bits", "seed", "status"],
                             left_out[["method", "bits", "seed", "status"]].astype(str).values.tolist()))
+    parts.append(_conflict_section(found))
     parts.append(_reference_section(task))
     parts.append(_provenance(frame, regenerate))
     return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
+
+
+def _conflict_section(found: Sequence[Conflict]) -> str:
+    if not found:
+        return ""
+    rows = [[c.cell, "; ".join(f"{metric:.4f} ({Path(source).name})" for source, metric in c.entries),
+             ", ".join(c.explained_by) or "nothing recorded (unexplained)"] for c in found]
+    return ("\n## Conflicts\n\nSeeds of one cell whose records disagree: a finding, not a duplicate. The first "
+            "record of each counts in the tables above; every value is listed here.\n\n"
+            + _table(["cell and seed", "values (file)", "what differs between them"], rows) + "\n")
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -533,12 +621,15 @@ def _provenance(frame: pd.DataFrame, regenerate: str) -> str:
             + f"\n```\n\nRegenerate this table with:\n\n```\n{regenerate}\n```\n")
 
 
-def build(records: Sequence[RunRecord], regenerate: str, plot_dir: Path | None = None) -> dict[str, str]:
+def build(records: Sequence[RunRecord], regenerate: str, plot_dir: Path | None = None,
+          allow_conflicts: bool = False) -> dict[str, str]:
     """{task name: markdown} for every task present in `records`; with `plot_dir`, figures are written there."""
     if not records:
         raise QatbenchError("no run records found")
     frame = records_frame(records)
-    return {task: task_markdown(task, group, regenerate, plot_dir) for task, group in frame.groupby("task")}
+    found = checked_conflicts(frame, allow_conflicts)
+    return {task: task_markdown(task, group, regenerate, plot_dir, [c for c in found if c.task == task])
+            for task, group in frame.groupby("task")}
 
 
 def index_markdown(records: Sequence[RunRecord], regenerate: str, extra_pages: Sequence[str] = ()) -> str:
@@ -554,25 +645,39 @@ def index_markdown(records: Sequence[RunRecord], regenerate: str, extra_pages: S
             + f"\n{pages}\nRegenerate with:\n\n```\n{regenerate}\n```\n")
 
 
-def write(records: Sequence[RunRecord], out_dir: Path, regenerate: str, fmt: str = "md") -> list[Path]:
+FIGURE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*-(bits|time|size|transitions)-\d+\.png")
+"""The names of the figures `write` makes: `<task>-<kind>-<section number>.png`."""
+
+
+def write(records: Sequence[RunRecord], out_dir: Path, regenerate: str, fmt: str = "md",
+          allow_conflicts: bool = False) -> list[Path]:
     """Write one `<task>.<ext>` per task in `fmt`; markdown also writes its figures (when matplotlib is
-    installed) and the index `README.md`."""
+    installed) and the index `README.md`, and removes the figures of earlier writes that this one did not
+    make again (a section or task that is gone). Every file is replaced atomically, never written through a
+    link."""
     if fmt not in FORMATS:
         raise QatbenchError(f"unknown leaderboard format {fmt!r}; valid: {', '.join(FORMATS)}")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        texts = build(records, regenerate, plot_dir=out_dir) if fmt == "md" else render(records, fmt, regenerate)
+        before = {p.name for p in out_dir.iterdir() if FIGURE_NAME.fullmatch(p.name)}
+        if fmt == "md":
+            texts = build(records, regenerate, plot_dir=out_dir, allow_conflicts=allow_conflicts)
+        else:
+            texts = render(records, fmt, regenerate, allow_conflicts)
         paths = []
         for task, text in texts.items():
             path = out_dir / f"{task}.{FORMATS[fmt]}"
-            path.write_text(text)
+            write_text_atomic(path, text)
             paths.append(path)
         if fmt != "md":
             return paths
+        figures = {name for text in texts.values() for name in re.findall(r"\]\(([^)]+\.png)\)", text)}
+        for stale in before - figures:
+            (out_dir / stale).unlink(missing_ok=True)
         index = out_dir / "README.md"
         own = {"README.md", *(f"{t}.md" for t in texts)}
         extra = [p.name for p in sorted(out_dir.glob("*.md")) if p.name not in own]
-        index.write_text(index_markdown(records, regenerate, extra))
+        write_text_atomic(index, index_markdown(records, regenerate, extra))
     except OSError as err:
         raise QatbenchError(f"cannot write leaderboard into {out_dir}: {err.strerror or err}") from None
     return [*paths, index]

@@ -65,10 +65,13 @@ class RunRecord:
     command: str | None = None
     created: str | None = None
     schema: int = SCHEMA_VERSION
+    source: str | None = dataclasses.field(default=None, compare=False, metadata={"transient": True})
+    """The file the record was read from (not written: a record does not say where it lies)."""
 
     def to_json(self) -> str:
         """Strict JSON (no NaN or infinity: they become null), keys sorted."""
-        return json.dumps(_finite(dataclasses.asdict(self)), indent=1, sort_keys=True, allow_nan=False)
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _TRANSIENT}
+        return json.dumps(_finite(fields), indent=1, sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: Any) -> RunRecord:
@@ -77,7 +80,7 @@ class RunRecord:
             raise ValueError(f"a record is a JSON object, not {type(data).__name__}")
         if data.get("schema") != SCHEMA_VERSION:
             raise ValueError(f"field 'schema' is {data.get('schema')!r}; this qatbench reads schema {SCHEMA_VERSION}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in _TRANSIENT}
         for name, f in fields.items():
             if name not in data:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -101,6 +104,7 @@ class RunRecord:
         return cls(**{k: v for k, v in data.items() if k in fields})
 
 
+_TRANSIENT = {f.name for f in dataclasses.fields(RunRecord) if f.metadata.get("transient")}
 _NUMBER = (int, float)
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "run_id": (str,), "spec": (dict,), "method": (str,), "task": (str,), "bits": (int, type(None)),
@@ -159,11 +163,18 @@ def read_record(path: Path) -> RunRecord:
     return RunRecord.from_dict(data)
 
 
+def _result(record: RunRecord) -> tuple[Any, ...]:
+    """What a run measured, to tell a copy of a record from another result of the same run."""
+    return record.status, record.metric, json.dumps(_finite(record.history), sort_keys=True)
+
+
 def load_records(paths: Iterable[str | Path]) -> list[RunRecord]:
-    """Records from files and folders (searched recursively). A malformed record is skipped with a warning
-    naming the file and the field; a run found twice (a copied file, a folder given twice) counts once."""
+    """Records from files and folders (searched recursively), each knowing its file (`source`). A malformed
+    record is skipped with a warning naming the file and the field; a copy of a record (the same run with the
+    same result: a copied file, a folder given twice) counts once, with a warning. Two records of one run with
+    different results are both kept, with a warning: that is a finding, which the leaderboard shows."""
     records: list[RunRecord] = []
-    seen: dict[str, Path] = {}
+    seen: dict[str, list[RunRecord]] = {}
     files: list[Path] = []
     for root in paths:
         root = Path(root)
@@ -178,10 +189,17 @@ def load_records(paths: Iterable[str | Path]) -> list[RunRecord]:
         except (OSError, ValueError) as err:
             warnings.warn(f"skipping malformed record {file}: {err}", stacklevel=2)
             continue
-        if record.run_id in seen:
-            warnings.warn(f"skipping {file}: run {record.run_id} was already read from {seen[record.run_id]} "
-                          "(counted once)", stacklevel=2)
+        record.source = str(file)
+        same_run = seen.setdefault(record.run_id, [])
+        copy = next((r for r in same_run if _result(r) == _result(record)), None)
+        if copy is not None:
+            warnings.warn(f"skipping {file}: run {record.run_id} was already read from {copy.source} with the same "
+                          "result (counted once)", stacklevel=2)
             continue
-        seen[record.run_id] = file
+        for other in same_run:
+            warnings.warn(f"run {record.run_id} has two results: {other.metric_name} {other.metric!r} "
+                          f"({other.status}) in {other.source} and {record.metric!r} ({record.status}) in {file}",
+                          stacklevel=2)
+        same_run.append(record)
         records.append(record)
     return records

@@ -329,3 +329,73 @@ def test_without_matplotlib_the_tables_are_written_and_no_figure(tmp_path, monke
     records = [_record("ste", 2, s, 80.0 + s, export=export, train_s=1.0) for s in range(2)]
     leaderboard.write(records, tmp_path, "x")
     assert not list(tmp_path.glob("*.png")) and "![" not in (tmp_path / "toy.md").read_text()
+
+
+def test_an_epoch_cap_is_part_of_the_budget():
+    smoke = {"recipe": "smoke", "recipe_config": {**SPEC["recipe_config"], "epochs": 1, "epoch_steps": 20}}
+    short = {"recipe": "short", "recipe_config": {**SPEC["recipe_config"], "epochs": 1}}
+    records = [_record("ste", 2, 0, 60.0, **smoke), _record("parq", 2, 0, 80.0, **short)]
+    text = leaderboard.build(records, "x")["toy"]
+    assert "## 1 epochs of at most 20 steps, batch 128" in text and "## 1 epochs, batch 128" in text
+
+
+def test_every_identity_option_is_a_row_setting():
+    records = [_record("ste", 2, 0, 80.0, threads=1), _record("ste", 2, 0, 79.0, threads=2)]
+    rows = _by_label(_table(leaderboard.build(records, "x")["toy"], "method", "FP"))
+    assert set(rows) == {"ste (threads=1)", "ste (threads=2)"}  # two configurations, not one seed counted twice
+
+
+def _written(folder, records):
+    """Records written as files (as runs write them), read back with their sources."""
+    from qatbench.results import RUN_ID, load_records
+
+    for i, record in enumerate(records):
+        if not RUN_ID.fullmatch(record.run_id):
+            record.run_id = f"{i + 1:012x}"
+        (folder / f"{i}.json").write_text(record.to_json())
+    return load_records([folder])
+
+
+def test_two_results_of_one_run_are_a_conflict_shown_not_dropped(tmp_path):
+    first, second = _record("ste", 2, 0, 80.0), _record("ste", 2, 0, 79.5)
+    first.run_id = second.run_id = "0123456789ab"
+    with pytest.warns(UserWarning, match="run 0123456789ab has two results"):
+        records = _written(tmp_path, [first, second, _record("ste", 2, 1, 81.0)])
+    assert len(records) == 3
+    with pytest.raises(QatbenchError, match="nothing recorded explains it .*80.0 in .*0.json; 79.5 in .*1.json"
+                                            ".*--allow-conflicts"), pytest.warns(UserWarning, match="conflict"):
+        leaderboard.build(records, "x")
+    with pytest.warns(UserWarning, match="conflict"):
+        text = leaderboard.build(records, "x", allow_conflicts=True)["toy"]
+    assert "## Conflicts" in text and "80.0000 (0.json); 79.5000 (1.json)" in text and "unexplained" in text
+    assert "80.50 ± 0.71 (2)" in text  # seeds 0 (its first record) and 1: each seed once
+
+
+def test_a_conflict_explained_by_the_environment_is_published_and_listed(tmp_path):
+    first, second = _record("ste", 2, 0, 80.0), _record("ste", 2, 0, 79.5)
+    first.run_id = second.run_id = "0123456789ab"
+    second.environment = {**second.environment, "torch": "2.11.0"}
+    with pytest.warns(UserWarning):
+        text = leaderboard.build(_written(tmp_path, [first, second]), "x")["toy"]
+    conflicts = _table(text, "cell and seed")
+    assert conflicts[0][1:] == ["80.0000 (0.json); 79.5000 (1.json)", "torch"] and "80.00 (1)" in text
+
+
+def test_a_copy_of_a_record_counts_once_and_is_no_conflict(tmp_path):
+    record = _record("ste", 2, 0, 80.0)
+    record.run_id = "0123456789ab"
+    with pytest.warns(UserWarning, match="counted once"):
+        records = _written(tmp_path, [record, record])
+    assert len(records) == 1 and "## Conflicts" not in leaderboard.build(records, "x")["toy"]
+
+
+def test_write_removes_the_figures_of_sections_that_are_gone(tmp_path):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "toy-transitions-2.png").write_bytes(b"\x89PNG stale")
+    (tmp_path / "notes.png").write_bytes(b"someone's")
+    records = [_record("ste", 2, s, 80.0) for s in range(2)]
+    for r in records:
+        r.history = [{"epoch": 1, "transition_rate": 0.01}]
+    leaderboard.write(records, tmp_path, "x")
+    assert (tmp_path / "toy-transitions-1.png").exists() and not (tmp_path / "toy-transitions-2.png").exists()
+    assert (tmp_path / "notes.png").exists()  # not a figure of ours
