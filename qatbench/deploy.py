@@ -18,11 +18,11 @@ import torch
 
 from . import checkpoint
 from .errors import QatbenchError
-from .export import load_export
+from .export import check_fits, load_export
 from .fingerprint import Fingerprint, fingerprint
 from .harness import RunFiles, build_training, exactness_report, level_tables, write_export
 from .results import read_record, write_record
-from .spec import resolve_identity
+from .spec import resolve_device, resolve_identity, resolve_task
 
 
 @dataclasses.dataclass
@@ -54,25 +54,27 @@ class Evaluation:
 
 
 def evaluate_export(path: Path, data_root: Path | None = None, device: str = "cpu", download: bool = False) -> Evaluation:
-    """Rebuild the model of the export at `path` and evaluate it on the task's test split."""
+    """Rebuild the model of the export at `path` and evaluate it on the task's test split. The method that trained
+    it is not needed (its weights are all that is evaluated), so a plugin method's export evaluates without it."""
     loaded = load_export(path)
     identity = loaded.metadata.get("identity")
-    run = resolve_identity(identity, device)
-    source = run.task.locate_data(data_root, download)
+    task, recipe, spec = resolve_task(identity, device)
+    run_device = resolve_device(spec.device)
+    if run_device.type == "cpu":
+        torch.set_num_threads(spec.threads)  # the run's own: the order of the evaluation's float sums
+    source = task.locate_data(data_root, download)
     data_print = fingerprint(source.root, source.files)
-    data = run.task.load_data(source, run.device, run.recipe.batch_size, torch.Generator(run.device).manual_seed(0))
-    model = run.task.build_model().to(run.device)
-    missing, unexpected = model.load_state_dict(loaded.state_dict, strict=False)
-    if missing or unexpected:
-        raise QatbenchError(f"{path} does not fit task {run.task.name!r}: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}")
-    if run.spec.channels_last:
+    data = task.load_data(source, run_device, recipe.batch_size, torch.Generator(run_device).manual_seed(0))
+    model = task.build_model().to(run_device)
+    check_fits(model, loaded.state_dict, str(path))
+    model.load_state_dict(loaded.state_dict)
+    if spec.channels_last:
         model.to(memory_format=torch.channels_last)  # the memory order the run evaluated in
-    metric = run.task.evaluate(model, data.test)
+    metric = task.evaluate(model, data.test)
     recorded = loaded.metadata.get("metric")
-    return Evaluation(run.task.name, run.task.metric, metric, recorded if isinstance(recorded, float) else None,
+    return Evaluation(task.name, task.metric, metric, recorded if isinstance(recorded, float) else None,
                       str(source.root), data_print.fingerprint == identity["data"],
-                      run.device.type == identity.get("device_type"))
+                      run_device.type == identity.get("device_type"))
 
 
 def export_from_checkpoint(record_path: Path) -> dict[str, Any]:
@@ -90,15 +92,23 @@ def export_from_checkpoint(record_path: Path) -> dict[str, Any]:
     run.data_fingerprint = Fingerprint(**record.data)
     if run.run_id != record.run_id:
         raise QatbenchError(f"{record_path}: its identity does not hash to its run id {record.run_id}")
-    saved = checkpoint.load(files.checkpoint, record.run_id)
-    if saved is None or saved["position"]["epoch"] != run.recipe.epochs:
+    try:
+        saved = checkpoint.load(files.checkpoint, record.run_id)
+    except checkpoint.Unusable as err:
+        raise QatbenchError(str(err)) from None
+    position = saved.get("position")
+    if not isinstance(position, dict) or position.get("epoch") != run.recipe.epochs:
         raise QatbenchError(f"{files.checkpoint} is not the final checkpoint of run {record.run_id}")
-    if saved["model"] is None:
+    if saved.get("model") is None:
         raise QatbenchError(f"{files.checkpoint} holds the shards of an --fsdp run; every finished run exports its "
                             f"model itself (beside its record)")
-    training = build_training(run, saved["steps_per_epoch"], torch.Generator().manual_seed(record.seed + 1))
-    training.model.load_state_dict(saved["model"])
-    training.method.load_state_dict(saved["method"])
+    try:
+        training = build_training(run, int(saved["steps_per_epoch"]), torch.Generator().manual_seed(record.seed + 1))
+        training.model.load_state_dict(saved["model"])
+        training.method.load_state_dict(saved["method"])
+    except Exception as err:  # a crafted checkpoint can fail anywhere in a state dict
+        raise QatbenchError(f"{files.checkpoint} does not fit run {record.run_id} ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''})") from None
     training.method.finalize()
     record.exactness = exactness_report(run, training.model)
     tables = level_tables(run, training.model, training.method)

@@ -13,13 +13,16 @@ the run's identity, the method, the task and its options, the quantizer, the mem
 and, per quantized tensor, its shape, bits, row count and scheme.
 
 Loading an export rebuilds the state dict: `W = table[row, index]`, bitwise the weights the
-run evaluated. An export is untrusted input: safetensors holds tensors only (no pickle), and
-every metadata value and tensor shape is checked before use.
+run evaluated. An export is untrusted input: safetensors holds tensors only (no pickle), the
+header's `digest` (BLAKE2b over every other header entry and every tensor's name, dtype, shape
+and bytes) must match, so a damaged file is refused, and every metadata value and tensor shape
+is checked before use. (Exports of format 1, written before the digest, are read without it.)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -33,7 +36,20 @@ from .atomic import atomic_path
 from .errors import QatbenchError
 from .quant import TERNARY, QuantizerConfig, as_rows, grid, grid_coefficients, num_levels
 
-FORMAT = "qatbench-packed-1"
+FORMAT = "qatbench-packed-2"
+FORMATS_READ = ("qatbench-packed-1", FORMAT)  # 1: without a digest
+
+
+def content_digest(header: dict[str, str], tensors: dict[str, Tensor]) -> str:
+    """BLAKE2b of an export's header entries (but the digest) and tensors, in name order."""
+    hasher = hashlib.blake2b(digest_size=32)
+    for key in sorted(k for k in header if k != "digest"):
+        hasher.update(f"H{len(key)}:{key}{len(header[key])}:{header[key]}".encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().reshape(-1).contiguous().cpu()
+        hasher.update(f"T{len(name)}:{name}{tensor.dtype}{tuple(tensors[name].shape)}".encode())
+        hasher.update(memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else b"")
+    return hasher.hexdigest()
 
 
 def index_bits(bits: int) -> int:
@@ -105,6 +121,7 @@ def export_model(path: Path, state: dict[str, Tensor], levels: dict[str, Tensor]
     header = {"format": FORMAT, "quantized": json.dumps(quantized),
               "quantizer": json.dumps(dataclasses.asdict(quantizer) if quantizer else None),
               **{k: json.dumps(v) for k, v in metadata.items()}}
+    header["digest"] = content_digest(header, tensors)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
     packed = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -124,7 +141,7 @@ class LoadedExport:
 def _json(header: dict[str, str], key: str, path: Path) -> Any:
     try:
         return json.loads(header[key])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, RecursionError):
         raise QatbenchError(f"{path}: its header has no valid {key!r}") from None
 
 
@@ -136,7 +153,7 @@ def load_export(path: Path) -> LoadedExport:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (OSError, SafetensorError) as err:
+    except (OSError, SafetensorError, ValueError, RuntimeError) as err:
         if Path(path).suffix == ".json":
             raise QatbenchError(f"{path} is a run record, not an export: pass the export beside it, "
                                 f"{Path(path).with_suffix('.safetensors')}") from None
@@ -145,8 +162,10 @@ def load_export(path: Path) -> LoadedExport:
                                 f"{Path(path).with_suffix('.json')}` writes the export of a finished run's kept "
                                 f"final checkpoint") from None
         raise QatbenchError(f"cannot read export {path}: {err}") from None
-    if header.get("format") != FORMAT:
+    if header.get("format") not in FORMATS_READ:
         raise QatbenchError(f"{path} is not a qatbench export (format {header.get('format')!r}, expected {FORMAT!r})")
+    if header["format"] == FORMAT and header.get("digest") != content_digest(header, tensors):
+        raise QatbenchError(f"{path} does not match its digest: the file is damaged or was changed")
     quantizer_fields = _json(header, "quantizer", path)
     quantized = _json(header, "quantized", path)
     if not isinstance(quantized, dict) or (quantized and not isinstance(quantizer_fields, dict)):
@@ -159,7 +178,7 @@ def load_export(path: Path) -> LoadedExport:
                                                              for s in ("indices", "step", "levels"))}
     for name, info in quantized.items():
         state[name] = _rebuild(path, name, info, tensors, quantizer)
-    metadata = {k: _json(header, k, path) for k in header if k not in ("format", "quantized", "quantizer")}
+    metadata = {k: _json(header, k, path) for k in header if k not in ("format", "quantized", "quantizer", "digest")}
     return LoadedExport(state, metadata, quantizer, sorted(quantized))
 
 
@@ -170,8 +189,9 @@ def _rebuild(path: Path, name: str, info: Any, tensors: dict[str, Tensor], quant
     except (KeyError, TypeError, ValueError, AttributeError):
         raise QatbenchError(f"{path}: malformed entry for {name!r} in its header") from None
     count, m, width = math.prod(shape), num_levels(quantizer.bits), index_bits(quantizer.bits)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or rows < 1 or count % rows:
-        raise QatbenchError(f"{path}: {name!r} has an invalid dtype or row count")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or rows < 1 or count < 1 or count % rows \
+            or any(d < 1 for d in shape):
+        raise QatbenchError(f"{path}: {name!r} has an invalid shape {shape}, dtype or row count {rows}")
     packed = tensors.get(f"{name}.indices")
     if packed is None or packed.dtype != torch.uint8 or packed.shape != (math.ceil(count * width / 8),):
         raise QatbenchError(f"{path}: {name}.indices is missing or does not hold {count} indices of {width} bits")
@@ -179,12 +199,30 @@ def _rebuild(path: Path, name: str, info: Any, tensors: dict[str, Tensor], quant
         step = tensors.get(f"{name}.step")
         if step is None or step.shape != (rows,):
             raise QatbenchError(f"{path}: {name}.step is missing or not one step per row ({rows})")
-        table = grid_coefficients(m, step.dtype) * step[:, None]
+        table = grid_coefficients(m, step.dtype) * step[:, None] if step.is_floating_point() else None
     else:
         table = tensors.get(f"{name}.levels")
         if table is None or table.shape != (rows, m):
             raise QatbenchError(f"{path}: {name}.levels is missing or not a ({rows}, {m}) table")
+    if table is None or not table.is_floating_point():
+        raise QatbenchError(f"{path}: the level table of {name} is not floating point")
     index = unpack_indices(packed, width, count).view(rows, -1)
     if int(index.max()) >= m:
         raise QatbenchError(f"{path}: {name}.indices holds an index beyond its {m} levels")
     return table.gather(1, index).to(dtype).view(shape)
+
+
+def check_fits(model: torch.nn.Module, state: Any, what: str) -> None:
+    """`state` has exactly the model's entries, each of its shape and of a dtype it can take; else a one-line error
+    naming the first misfit (before anything is loaded)."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise QatbenchError(f"{what} is not a state dict (names and tensors)")
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise QatbenchError(f"{what} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, tensor in expected.items():
+        given = state[name]
+        if given.shape != tensor.shape or given.is_floating_point() != tensor.is_floating_point():
+            raise QatbenchError(f"{what} does not fit the model: {name} is {given.dtype} {tuple(given.shape)}, the "
+                                f"model's is {tensor.dtype} {tuple(tensor.shape)}")

@@ -6,8 +6,11 @@ SHA-256 over every file's path relative to the data's root, its size and its byt
 SHA-256 over the sorted relative paths and sizes. Neither depends on where the data
 lies or on modification times, so a copy of the same files elsewhere is the same data.
 
-Hashing is cached under `~/.cache/qatbench/fingerprints/`, keyed by the absolute paths,
-sizes and modification times of the files, so unchanged data is hashed once.
+Hashing is cached under `~/.cache/qatbench/fingerprints/`, keyed by each file's absolute path,
+size, modification time, inode and status-change time (ctime), so unchanged data is hashed once.
+The ctime is what makes the cache sound: an edit that puts the old modification time back
+(`touch -d`, `os.utime`, a copy that preserves times) still sets the ctime to the time of the
+change, and no program can set it back, so the edited data is hashed again.
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ class Fingerprint:
         return dataclasses.asdict(self)
 
 
-def _stat(root: Path, files: Sequence[Path]) -> list[tuple[str, int, int, Path]]:
-    """(path relative to root, size, mtime_ns, path) of every file, sorted by relative path."""
+def _stat(root: Path, files: Sequence[Path]) -> list[tuple[str, int, tuple[int, int, int], Path]]:
+    """(path relative to root, size, (mtime_ns, inode, ctime_ns), path) of every file, sorted by relative path."""
     rows = []
     for file in files:
         try:
@@ -50,11 +53,11 @@ def _stat(root: Path, files: Sequence[Path]) -> list[tuple[str, int, int, Path]]
         except OSError as err:
             raise QatbenchError(f"cannot read data file {file}: {err.strerror or err}") from None
         relative = file.relative_to(root).as_posix() if file != root and root in file.parents else file.name
-        rows.append((relative, stat.st_size, stat.st_mtime_ns, file))
+        rows.append((relative, stat.st_size, (stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns), file))
     return sorted(rows)
 
 
-def _content_digest(rows: list[tuple[str, int, int, Path]]) -> str:
+def _content_digest(rows: list[tuple[str, int, tuple[int, int, int], Path]]) -> str:
     digest = hashlib.sha256()
     for relative, size, _, path in rows:
         digest.update(f"{relative}\0{size}\0".encode())
@@ -67,7 +70,7 @@ def _content_digest(rows: list[tuple[str, int, int, Path]]) -> str:
     return digest.hexdigest()
 
 
-def _listing_digest(rows: list[tuple[str, int, int, Path]]) -> str:
+def _listing_digest(rows: list[tuple[str, int, tuple[int, int, int], Path]]) -> str:
     digest = hashlib.sha256()
     for relative, size, _, _ in rows:
         digest.update(f"{relative}\0{size}\n".encode())
@@ -81,7 +84,8 @@ def fingerprint(root: Path, files: Sequence[Path]) -> Fingerprint:
     rows = _stat(root, files)
     total = sum(size for _, size, _, _ in rows)
     mode = "content" if total <= CONTENT_LIMIT_BYTES and len(rows) <= CONTENT_LIMIT_FILES else "listing"
-    key = hashlib.sha256(json.dumps([mode, [(str(p.resolve()), s, m) for _, s, m, p in rows]]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([mode, [(str(p.resolve()), s, *times) for _, s, times, p in rows]]).encode()
+                         ).hexdigest()
     cache = default_cache_dir() / "fingerprints" / f"{key[:32]}.json"
     digest = _cached(cache)
     if digest is None:

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import datetime
 import itertools
+import json
 import math
 import random
 import time
@@ -31,7 +32,7 @@ from . import checkpoint
 from .diagnostics import TransitionMonitor
 from .distributed import World, all_reduce, broadcast, gather, gather_to_main, reduce_tensor_
 from .errors import QatbenchError
-from .export import export_model, load_export
+from .export import check_fits, export_model, load_export
 from .locks import RunLock, read_lock, touch, try_lock
 from .method import Method
 from .options import Settings
@@ -111,13 +112,8 @@ def _load_init(model: torch.nn.Module, path: str, task: str, device: torch.devic
             state = torch.load(path, map_location=device, weights_only=True)
         except Exception as err:  # a damaged or foreign file fails in many ways
             raise QatbenchError(f"--init {path!r} is not a state dict ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict):
-        raise QatbenchError(f"--init {path!r} is not a state dict")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise QatbenchError(f"checkpoint {path!r} does not fit task {task!r}: {len(missing)} missing keys "
-                            f"({', '.join(missing[:3])}...), {len(unexpected)} unexpected "
-                            f"({', '.join(unexpected[:3])}...)")
+    check_fits(model, state, f"--init {path!r} (task {task!r})")
+    model.load_state_dict(state)
 
 
 def loss_function(run: ResolvedRun, module: torch.nn.Module) -> LossFn:
@@ -376,6 +372,44 @@ def _agree(signum: int | None, due: bool) -> tuple[int, bool]:
     return int(stop_signum), bool(checkpoint_due)
 
 
+def _resume(saved: dict[str, Any], run: ResolvedRun, training: Training, monitor: TransitionMonitor, batches: Any,
+            generators: dict[str, torch.Generator], record: RunRecord, world: World) -> tuple[Position, torch.Tensor]:
+    """Load a checkpoint into a freshly built training: the model (under FSDP this rank's shards), the method, the
+    monitor, the LR schedule, the generators, the data's place inside the epoch, and (last, once everything else
+    has loaded) the record so far. Raises when the checkpoint does not fit; the caller then starts over."""
+    if len(saved["ranks"]) != world.size or ("shards" in saved["ranks"][0]) != run.spec.fsdp:
+        sharded = " sharded (--fsdp)" if "shards" in saved["ranks"][0] else ""
+        raise QatbenchError(f"the checkpoint was written by {len(saved['ranks'])}{sharded} processes; resume it "
+                            f"the same way (this is {world.size}{' sharded' if run.spec.fsdp else ''})")
+    if run.spec.fsdp:  # each rank's shards of the model, the method and the monitor
+        state = saved["ranks"][world.rank]["shards"]
+        load_local_state(training.model, state["model"])
+        training.method.load_state_dict(state["method"])
+        restore_optimizer_shards(training.method.optimizer)
+    else:
+        state = saved
+        training.model.load_state_dict(state["model"])
+        training.method.load_state_dict(state["method"])
+    monitor.load_state_dict(state["monitor"])
+    training.scheduler.load_state_dict(saved["scheduler"])
+    checkpoint.set_random_states(saved["ranks"][world.rank]["random"], generators)
+    loss_sum = saved["ranks"][world.rank]["loss_sum"].to(run.device)
+    position = Position(**saved["position"])
+    if not 0 <= position.step_in_epoch <= training.steps_per_epoch or not 0 <= position.epoch <= run.recipe.epochs:
+        raise ValueError(f"position {saved['position']} is outside this run's {run.recipe.epochs} epochs of "
+                         f"{training.steps_per_epoch} steps")
+    if 0 < position.step_in_epoch < training.steps_per_epoch:  # stopped inside an epoch: continue it
+        batches.load_state_dict(saved["batches"])
+    so_far = {key: saved["record"][key] for key in ("history", "best_epoch_metric", "epochs_completed", "resumed")}
+    probe = dataclasses.replace(record, **so_far)
+    RunRecord.from_dict(json.loads(probe.to_json()))  # the record so far is a valid record
+    for key, value in so_far.items():
+        setattr(record, key, value)
+    record.resumed.append({"step": position.step, "epoch": position.epoch,
+                           "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    return position, loss_sum
+
+
 def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options: RunOptions,
            stop: StopRequest) -> None:
     """Train (resuming from the run's checkpoint when there is one), finalize, check exactness and
@@ -401,41 +435,38 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
     if steps_per_epoch == 0:
         raise QatbenchError(f"batch size {recipe.batch_size} exceeds the {data.num_train} training examples")
     training = build_training(run, steps_per_epoch, generators["method"], world)
-    model, method, scheduler = training.model, training.method, training.scheduler
     sync_every = SYNC_STEPS if world.distributed else 1
-    monitor = TransitionMonitor(method)
+    monitor = TransitionMonitor(training.method)
     position = Position()
     loss_sum = torch.zeros((), device=device)
 
-    saved = checkpoint.load(files.checkpoint, run.run_id, mmap=run.spec.fsdp) \
-        if files and files.checkpoint.exists() else None
+    saved = None
+    if files and files.checkpoint.exists():
+        try:
+            saved = checkpoint.load(files.checkpoint, run.run_id, mmap=run.spec.fsdp)
+        except checkpoint.Unusable as err:
+            log(f"[{run.label}] warning: ignoring the checkpoint: {err}; starting over")
     if saved is not None:
-        if len(saved["ranks"]) != world.size or ("shards" in saved["ranks"][0]) != run.spec.fsdp:
-            sharded = " sharded (--fsdp)" if "shards" in saved["ranks"][0] else ""
-            raise QatbenchError(f"{files.checkpoint} was written by {len(saved['ranks'])}{sharded} processes; resume "
-                                f"it the same way (this is {world.size}{' sharded' if run.spec.fsdp else ''})")
-        if run.spec.fsdp:  # each rank's shards of the model, the method and the monitor
-            state = saved["ranks"][world.rank]["shards"]
-            load_local_state(model, state["model"])
-            method.load_state_dict(state["method"])
-            restore_optimizer_shards(method.optimizer)
+        try:
+            position, loss_sum = _resume(saved, run, training, monitor, data.train, generators, record, world)
+            problem = None
+        except QatbenchError:
+            raise
+        except Exception as err:  # a checkpoint that does not fit (crafted, or of an older qatbench)
+            problem = f"{type(err).__name__}: {err}"
+        if all_reduce([float(problem is not None)], "max")[0]:
+            log(f"[{run.label}] warning: the checkpoint {files.checkpoint} does not fit this run "
+                f"({problem or 'on another rank'}); starting over")
+            _seed_everything(run.spec.seed)
+            for name, generator in generators.items():
+                generator.manual_seed(run.spec.seed + (name == "method"))
+            training = build_training(run, steps_per_epoch, generators["method"], world)
+            monitor, position, loss_sum = TransitionMonitor(training.method), Position(), torch.zeros((), device=device)
+            saved = None
         else:
-            state = saved
-            model.load_state_dict(state["model"])
-            method.load_state_dict(state["method"])
-        monitor.load_state_dict(state["monitor"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if 0 < saved["position"]["step_in_epoch"] < steps_per_epoch:  # stopped inside an epoch: continue it
-            data.train.load_state_dict(saved["batches"])
-        checkpoint.set_random_states(saved["ranks"][world.rank]["random"], generators)
-        loss_sum = saved["ranks"][world.rank]["loss_sum"].to(device)
-        position = Position(**saved["position"])
-        for key in ("history", "best_epoch_metric", "epochs_completed", "resumed"):
-            setattr(record, key, saved["record"][key])
-        record.resumed.append({"step": position.step, "epoch": position.epoch,
-                               "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
-        log(f"[{run.label}] resumed from {files.checkpoint} at step {position.step} "
-            f"(epoch {position.epoch + 1}, resume {len(record.resumed)})")
+            log(f"[{run.label}] resumed from {files.checkpoint} at step {position.step} "
+                f"(epoch {position.epoch + 1}, resume {len(record.resumed)})")
+    model, method, scheduler = training.model, training.method, training.scheduler
     clock = SteadyClock(device, min(TIMING_WARMUP_STEPS, training.total_steps // 2),
                         saved["timing"] if saved is not None else None)
     last_checkpoint = time.monotonic()

@@ -98,9 +98,9 @@ class RunRecord:
                 raise ValueError(f"field {name!r}: {err}") from None
         if data["bits"] is not None and not 0 <= data["bits"] <= 8 or data["seed"] < 0:
             raise ValueError(f"field 'bits' ({data['bits']!r}) or 'seed' ({data['seed']!r}) is out of range")
-        for entry in data.get("history", []):
-            if not isinstance(entry, dict):
-                raise ValueError("field 'history' must be a list of objects")
+        for name, shape in _NESTED.items():
+            if data.get(name) is not None:
+                _check_nested(name, data[name], shape)
         return cls(**{k: v for k, v in data.items() if k in fields})
 
 
@@ -115,6 +115,66 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "resumed": (list,), "message": (str, type(None)), "export": (dict, type(None)), "command": (str, type(None)),
     "created": (str, type(None)), "schema": (int,),
 }
+
+
+_SCALAR = (str, int, float, bool, type(None))
+_NUMBER_OR_NULL = (int, float, type(None))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Map:
+    """A JSON object whose values all have the shape `values`, except the keys named in `known`."""
+
+    values: Any
+    known: dict[str, Any] = dataclasses.field(default_factory=dict)
+    nullable: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _List:
+    """A JSON array whose items have the shape `items`."""
+
+    items: Any
+
+
+_CONFIG = _Map((*_SCALAR, list))  # a configuration: scalars, and lists of scalars (checked below)
+_NESTED: dict[str, Any] = {  # the shapes of the nested fields, as far as anything reads them
+    "spec": _Map((*_SCALAR, dict, list), {"method_config": _CONFIG, "task_config": _CONFIG, "recipe_config": _CONFIG,
+                                         "quantizer": _CONFIG, "init": _Map(_SCALAR, nullable=True), "device_type": (str, type(None)),
+                                         "data": (str, type(None)), "recipe": (str, type(None))}),
+    "data": _Map(_SCALAR),
+    "history": _List(_Map(_SCALAR)),
+    "timing": _Map(_NUMBER_OR_NULL),
+    "memory": _Map((*_SCALAR, dict), {"state_bytes": _Map(_NUMBER_OR_NULL)}),
+    "exactness": _Map((*_SCALAR, dict), {"passed": (bool, type(None)),
+                                         "tensors": _Map(_Map(_NUMBER_OR_NULL))}),
+    "environment": _Map((*_SCALAR, list), {"devices": _List(_SCALAR)}),
+    "resumed": _List(_Map(_SCALAR)),
+    "export": _Map(_SCALAR),
+}
+
+
+def _check_nested(name: str, value: Any, shape: Any) -> None:
+    """`value` has `shape` (a tuple of JSON types, `_Map` or `_List`), to the depth that the shape goes; lists
+    inside configurations hold scalars only. ValueError names the first bad path."""
+    if isinstance(shape, _Map):
+        if value is None and shape.nullable:
+            return
+        if not isinstance(value, dict):
+            raise ValueError(f"field {name!r} is {type(value).__name__} {value!r:.40}, expected an object")
+        for key, item in value.items():
+            _check_nested(f"{name}.{key}", item, shape.known.get(key, shape.values))
+    elif isinstance(shape, _List):
+        if not isinstance(value, list):
+            raise ValueError(f"field {name!r} is {type(value).__name__} {value!r:.40}, expected a list")
+        for i, item in enumerate(value):
+            _check_nested(f"{name}[{i}]", item, shape.items)
+    else:
+        _check_type(name, value, shape)
+        if isinstance(value, list) and not all(isinstance(item, _SCALAR) for item in value):
+            raise ValueError(f"field {name!r} holds something other than single values")
+        if isinstance(value, dict):
+            _check_nested(name, value, _Map((*_SCALAR, list)))
 
 
 def _check_type(name: str, value: Any, types: tuple[type, ...]) -> None:
@@ -154,12 +214,21 @@ def write_record(path: Path, record: RunRecord) -> None:
         raise QatbenchError(f"cannot write run record {path}: {err.strerror or err}") from None
 
 
+MAX_RECORD_BYTES = 64 * 2**20  # far above any record's size (a few kB per epoch of history)
+
+
 def read_record(path: Path) -> RunRecord:
     """A checked record; ValueError (bad content) or OSError (unreadable) otherwise."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_RECORD_BYTES + 1)
+    if len(raw) > MAX_RECORD_BYTES:
+        raise ValueError(f"larger than {MAX_RECORD_BYTES // 2**20} MB: not a run record")
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise ValueError(f"not UTF-8 text ({err.reason})") from None
+    except RecursionError:
+        raise ValueError("nested too deeply to be a run record") from None
     return RunRecord.from_dict(data)
 
 

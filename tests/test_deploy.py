@@ -11,6 +11,7 @@ from qatbench.export import load_export
 from qatbench.quant import QuantizerConfig, as_rows, estimate_levels, hard_quantize
 from qatbench.results import load_records
 from tests.conftest import make_cifar_batches, make_image_folder, write_corpus
+from tests.test_lifecycle import qatbench_process
 
 METHODS = ["fp", "rtn", "ste", "binaryrelax", "parq", "fogzo", "nspsa", "talr"]
 
@@ -135,3 +136,60 @@ def test_rtn_from_an_init_checkpoint_with_zero_steps_is_ptq_of_it(idx_root, isol
     assert main(["run", "--method", "ste", "--init", str(ptq / "mnist-mlp" / record.export["file"]),
                  "--task", "mnist-mlp", "--bits", "2", "--recipe", "smoke", "--data-root", str(idx_root),
                  "--no-download", "--out", str(tmp_path / "again")]) == 0
+
+
+def _one_line_error(capsys, argv, message):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qatbench: error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_crafted_export_that_does_not_fit_the_model_is_one_line(idx_root, isolated_data_env, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qatbench.export import content_digest
+
+    out = _run(tmp_path, "--method", "ste", "--task", "mnist-mlp", "--bits", "2", "--data-root", str(idx_root))
+    [path] = out.rglob("*.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["1.bias"] = torch.zeros(11)  # a tensor of another shape, the digest rewritten to match
+    save_file(tensors, str(path), metadata={**header, "digest": content_digest(header, tensors)})
+    _one_line_error(capsys, ["eval", str(path), "--data-root", str(idx_root)],
+                    "does not fit the model: 1.bias is torch.float32 (11,), the model's is torch.float32 (10,)")
+
+
+def test_a_plugin_methods_export_evaluates_without_the_plugin(idx_root, isolated_data_env, tmp_path, capsys):
+    plugin = tmp_path / "halfway.py"
+    plugin.write_text("from qatbench.method import ProxMethod\nfrom qatbench.quant import hard_quantize\n"
+                      "from qatbench.registry import METHODS\n\n@METHODS.register('halfway-eval')\n"
+                      "class Halfway(ProxMethod):\n    def prox(self, latent, levels, t):\n"
+                      "        return hard_quantize(latent, levels)\n")
+    out = _run(tmp_path, "--plugin", str(plugin), "--method", "halfway-eval", "--task", "mnist-mlp", "--bits", "2",
+               "--data-root", str(idx_root), "--keep-checkpoints")
+    [record] = load_records([out])
+    elsewhere = qatbench_process("eval", str(out / record.task / record.export["file"]), "--data-root", str(idx_root))
+    output = elsewhere.communicate(timeout=120)[0]  # a process that never loaded the plugin
+    assert elsewhere.returncode == 0 and f"{record.metric!r}" in output and "bit for bit" in output, output
+    exporting = qatbench_process("export", record.source)  # re-finalizing needs the method: it says how
+    output = exporting.communicate(timeout=120)[0]
+    assert exporting.returncode == 2 and output.count("\n") == 1, output
+    assert "unknown method 'halfway-eval'" in output and "pass --plugin FILE.py that defines it" in output
+
+
+def test_a_crafted_final_checkpoint_is_refused_by_export_in_one_line(idx_root, isolated_data_env, tmp_path, capsys):
+    from qatbench import checkpoint
+
+    out = _run(tmp_path, "--method", "parq", "--task", "mnist-mlp", "--bits", "2", "--data-root", str(idx_root),
+               "--keep-checkpoints")
+    [kept] = out.rglob("*.ckpt")
+    [record_file] = out.rglob("*.json")
+    payload = torch.load(kept, weights_only=True)
+    del payload["digest"]
+    payload["model"]["1.weight"] = torch.zeros(3, 3)
+    torch.save({**payload, "digest": checkpoint.digest(payload)}, kept)
+    _one_line_error(capsys, ["export", str(record_file)], "does not fit run")
+    kept.write_bytes(kept.read_bytes()[:-100])
+    _one_line_error(capsys, ["export", str(record_file)], "is unreadable")

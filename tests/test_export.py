@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qatbench.errors import QatbenchError
-from qatbench.export import export_model, load_export, pack_indices, unpack_indices
+from qatbench.export import content_digest, export_model, load_export, pack_indices, unpack_indices
 from qatbench.quant import TERNARY, QuantizerConfig, as_rows, estimate_levels, hard_quantize
 
 
@@ -75,8 +75,22 @@ def test_weights_that_are_not_on_their_levels_are_not_exported(tmp_path):
     (lambda t, h: h.update({"format": "other"}), "is not a qatbench export"),
     (lambda t, h: t.update({"3.weight.indices": torch.full_like(t["3.weight.indices"], 255)}),
      "an index beyond its 3 levels"),
+    (lambda t, h: h.update({"quantized": json.dumps({"3.weight": {}})}), "malformed entry"),
+    (lambda t, h: h.update({"quantized": json.dumps({"3.weight": {"shape": [0, 64], "rows": 1, "dtype": "float32"}})}),
+     "invalid shape"),
+    (lambda t, h: h.update({"quantized": json.dumps({"3.weight": {"shape": [20, 64], "rows": 20,
+                                                                  "dtype": "float32"}})}), "does not hold 1280"),
+    (lambda t, h: t.update({"3.weight.step": t["3.weight.step"].to(torch.int32)}), "not floating point"),
+    (lambda t, h: h.update({"quantized": "[" * 100_000}), "no valid 'quantized'"),
 ])
-def test_a_damaged_export_is_a_one_line_error(tmp_path, damage, message):
+def test_a_crafted_export_is_a_one_line_error(tmp_path, damage, message):
+    """Exports altered by someone who also rewrote their digest: every contradiction is still caught."""
+    path = _damaged(tmp_path, damage, sign=True)
+    with pytest.raises(QatbenchError, match=message):
+        load_export(path)
+
+
+def _damaged(tmp_path, damage, sign):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -86,14 +100,25 @@ def test_a_damaged_export_is_a_one_line_error(tmp_path, damage, message):
     with safe_open(str(path), framework="pt") as f:
         header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     damage(tensors, header)
+    if sign:
+        header["digest"] = content_digest(header, tensors)
     save_file(tensors, str(path), metadata=header)
-    with pytest.raises(QatbenchError, match=message):
-        load_export(path)
+    return path
+
+
+@pytest.mark.parametrize("damage", [
+    lambda t, h: t["3.weight.step"].mul_(1 + 2**-20),
+    lambda t, h: t["0.bias"].view(torch.int32)[0].bitwise_xor_(1),
+    lambda t, h: h.update({"metric": "99.9"}),
+], ids=["step", "flipped-bit", "metric"])
+def test_a_damaged_export_fails_its_digest(tmp_path, damage):
+    with pytest.raises(QatbenchError, match="does not match its digest"):
+        load_export(_damaged(tmp_path, damage, sign=False))
 
 
 def test_a_record_passed_as_an_export_says_which_file_to_pass(tmp_path):
     from qatbench.errors import QatbenchError
-    from qatbench.export import load_export
+    from qatbench.export import content_digest, load_export
 
     record = tmp_path / "parq-b2-s0-abc.json"
     record.write_text('{"run_id": "abc"}')

@@ -59,7 +59,13 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path):
     ({"seed": True}, "'seed' is bool"),
     ({"higher_is_better": 1}, "'higher_is_better' is int"),
     ({"history": {"epoch": 1}}, "'history' is dict"),
-    ({"history": [1, 2]}, "'history' must be a list of objects"),
+    ({"history": [1, 2]}, "'history[0]' is int 1, expected an object"),
+    ({"timing": {"steady_step_ms": "fast"}}, "'timing.steady_step_ms' is str"),
+    ({"memory": "a lot"}, "'memory' is str"),
+    ({"spec": {"recipe_config": "short"}}, "'spec.recipe_config' is str 'short', expected an object"),
+    ({"spec": {"quantizer": {"bits": [[2]]}}}, "'spec.quantizer.bits' holds something other than single values"),
+    ({"exactness": {"tensors": {"w": {"distinct": "3"}}}}, "'exactness.tensors.w.distinct' is str"),
+    ({"environment": {"devices": [{"gpu": 0}]}}, "'environment.devices[0]' is dict"),
     ({"task": "../../outside"}, "field 'task': invalid task name"),
     ({"method": "a/b"}, "field 'method': invalid method name"),
     ({"run_id": "../x"}, "'run_id' is '../x', not 12 hex digits"),
@@ -93,3 +99,13 @@ def test_record_names_cannot_leave_the_output_folder(tmp_path):
     for task, seed, run_id in (("../x", 0, "abc123def456"), ("t", -1, "abc123def456"), ("t", 0, "../../etc")):
         with pytest.raises(QatbenchError):
             record_path(tmp_path, task, "ste", "2", seed, run_id)
+
+
+def test_a_record_nested_too_deeply_or_too_large_is_skipped(tmp_path):
+    write_record(tmp_path / "good.json", _record())
+    (tmp_path / "deep.json").write_text("[" * 200_000 + "]" * 200_000)
+    (tmp_path / "huge.json").write_bytes(b" " * (65 * 2**20))
+    with pytest.warns(UserWarning) as caught:
+        assert [r.run_id for r in load_records([tmp_path])] == ["abc123def456"]
+    messages = sorted(str(w.message) for w in caught)
+    assert "deep.json: nested too deeply" in messages[0] and "huge.json: larger than 64 MB" in messages[1]

@@ -107,3 +107,56 @@ def test_language_model_resumes_bit_identically(isolated_data_env, tmp_path):
             "--task-arg", "steps_per_epoch=5"]
     reference = _finish(argv, tmp_path / "reference")
     _assert_same_run(_kill_and_resume(argv, 7, tmp_path), reference)
+
+
+def _flip_a_bit_of_the_largest_tensor(path: Path) -> None:
+    """Flip one bit in the middle of the checkpoint's largest tensor, on disk (torch stores tensors uncompressed
+    in its zip file), as a failing disk or a bad copy would."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        entry = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", raw[entry.header_offset + 26: entry.header_offset + 30])
+    start = entry.header_offset + 30 + name_length + extra_length
+    raw[start + entry.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def _killed_with_checkpoint(argv: list[str], tmp_path: Path) -> Path:
+    out = tmp_path / "killed"
+    process = stalled_process([*argv, "--out", str(out), "--no-download", "--checkpoint-minutes", "0"], 45,
+                              tmp_path / "stalled")
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    [checkpoint] = out.rglob("*.ckpt")
+    return checkpoint
+
+
+def test_a_damaged_checkpoint_is_refused_and_the_run_starts_over(idx_root, isolated_data_env, tmp_path, capsys):
+    argv = ["run", "--method", "parq", "--bits", "2", *MLP, "--data-root", str(idx_root)]
+    reference = _finish(argv, tmp_path / "reference")
+    checkpoint = _killed_with_checkpoint(argv, tmp_path)
+    _flip_a_bit_of_the_largest_tensor(checkpoint)
+    capsys.readouterr()
+    record, kept = _finish(argv, checkpoint.parent.parent)
+    assert "does not match its digest: the file is damaged; starting over" in capsys.readouterr().out
+    assert not record.resumed and record.metric == reference[0].metric and record.history == reference[0].history
+
+
+def test_a_checkpoint_missing_parts_is_refused_and_the_run_starts_over(idx_root, isolated_data_env, tmp_path, capsys):
+    from qatbench import checkpoint as checkpoints
+
+    argv = ["run", "--method", "talr", "--bits", "2", *MLP, "--data-root", str(idx_root)]
+    reference = _finish(argv, tmp_path / "reference")
+    path = _killed_with_checkpoint(argv, tmp_path)
+    payload = torch.load(path, weights_only=True)
+    del payload["digest"], payload["method"]["step_size"]  # crafted: a valid digest over a checkpoint that lacks parts
+    torch.save({**payload, "digest": checkpoints.digest(payload)}, path)
+    capsys.readouterr()
+    record, kept = _finish(argv, path.parent.parent)
+    assert "does not fit this run (KeyError: 'step_size'); starting over" in capsys.readouterr().out
+    assert not record.resumed and record.metric == reference[0].metric and record.history == reference[0].history
+    again = _finish(argv, path.parent.parent)  # and later runs are not stuck on it
+    assert again[0].metric == reference[0].metric
