@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .atomic import open_append
 from .errors import QatbenchError
 from .options import Settings
 from .signals import STOP_SIGNALS, Stopped, stop_signals
@@ -47,7 +48,7 @@ def output_to(path: Path) -> Iterator[None]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(path, "a", buffering=1) as log:
+    with open_append(path) as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
@@ -67,7 +68,6 @@ def run_one(spec: Any, settings: Settings, stop_signals: tuple[int, ...] = STOP_
     a one-line summary."""
     from .distributed import init_distributed, world_from_environment
     from .harness import RunFiles, RunOptions, bind_once, run_all, summary_line
-    from .results import record_path
     from .registry import load_plugin_file
     from .spec import resolve
 
@@ -76,8 +76,7 @@ def run_one(spec: Any, settings: Settings, stop_signals: tuple[int, ...] = STOP_
     world = world_from_environment()
     run = resolve(dataclasses.replace(spec, device=init_distributed(world, spec.device), processes=world.size))
     bind_once([run], settings.data_root, settings.download, world)
-    files = RunFiles(record_path(settings.out, run.task.name, run.method_cls.name, run.bits_text, run.spec.seed,
-                                 run.run_id))
+    files = RunFiles.of(settings.out, run)
     options = RunOptions.of(settings, log=lambda line: print(line, flush=True), world=world,
                             stop_signals=stop_signals)
     with output_to(files.record.with_suffix(".log")):

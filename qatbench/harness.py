@@ -30,6 +30,7 @@ import torch
 
 from . import checkpoint
 from .diagnostics import TransitionMonitor
+from .atomic import own_folder
 from .distributed import World, all_reduce, broadcast, gather, gather_to_main, reduce_tensor_
 from .errors import QatbenchError
 from .export import check_fits, export_model, load_export
@@ -70,6 +71,13 @@ class RunFiles:
     @property
     def export(self) -> Path:
         return self.record.with_suffix(".safetensors")
+
+    @classmethod
+    def of(cls, out: Path, run: ResolvedRun) -> RunFiles:
+        """The files of `run` in the results folder `out`, in its task's folder (made, and checked not to be a
+        link that would take them elsewhere)."""
+        own_folder(out, run.task.name)
+        return cls(record_path(out, run.task.name, run.method_cls.name, run.bits_text, run.spec.seed, run.run_id))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -737,8 +745,7 @@ def run_all(runs: list[ResolvedRun], out_dir: Path | None = None, data_root: Pat
     records = []
     with stop_signals(options.stop_signals) as stop:
         for run in runs:
-            files = RunFiles(record_path(options.out, run.task.name, run.method_cls.name, run.bits_text, run.spec.seed,
-                                         run.run_id))
+            files = RunFiles.of(options.out, run)
             lock, existing = _claim(run, files, options) if world.main else (None, None)
             train, existing = broadcast((lock is not None, existing))
             if not train:

@@ -10,12 +10,16 @@ written by another host cannot be judged from here; it is reported with its age 
 owner refreshes the file's modification time as it works, so the age is the time since
 the owner last showed a sign of life). `fcntl.flock` exists on every POSIX system; written
 by hand because no maintained library offers this create-or-reclaim protocol.
+
+A lock is never opened through a symbolic link (`O_NOFOLLOW`): a link planted at a run's
+lock path is refused with a one-line error, and the file it points to is left alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -23,6 +27,8 @@ import socket
 import time
 from pathlib import Path
 from typing import Any
+
+from .errors import QatbenchError
 
 STALE_AFTER_S = 24 * 3600.0  # a lock of another host untouched this long is reported as probably stale
 UNWRITTEN_GRACE_S = 60.0  # an empty lock file this old lost its creator between creating and writing it
@@ -71,9 +77,20 @@ def _owner() -> dict[str, Any]:
 
 def _same_file(path: Path, fd: int) -> bool:
     try:
-        return os.stat(path).st_ino == os.fstat(fd).st_ino
+        return os.lstat(path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
         return False
+
+
+def _open(path: Path, flags: int) -> int:
+    """`os.open` of a lock file, never through a symbolic link."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise QatbenchError(f"refusing the lock {path}: it is a symbolic link (to "
+                                f"{os.readlink(path)!r}); delete it") from None
+        raise
 
 
 def _write_owner(fd: int) -> None:
@@ -85,7 +102,7 @@ def _write_owner(fd: int) -> None:
 def touch(path: Path) -> None:
     """Refresh a lock's modification time (its owner's sign of life), if the lock exists."""
     try:
-        os.utime(path)
+        os.utime(path, follow_symlinks=False)
     except OSError:
         pass
 
@@ -93,18 +110,24 @@ def touch(path: Path) -> None:
 def read_lock(path: Path) -> LockInfo | None:
     """Who holds the lock at `path`, or None if there is no readable lock there."""
     try:
-        text = path.read_text()
-        age = time.time() - path.stat().st_mtime
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        text = os.read(fd, 4096).decode()
+        age = time.time() - os.fstat(fd).st_mtime
         owner = json.loads(text)
         return LockInfo(str(owner["host"]), int(owner["pid"]), str(owner["started"]), age)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    finally:
+        os.close(fd)
 
 
 def held_by_live_process(path: Path) -> bool:
     """Whether a process (on this host) holds the lock at `path`: its flock cannot be taken."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return False
     try:
@@ -121,7 +144,7 @@ def try_lock(path: Path, attempts: int = 3) -> RunLock | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(attempts):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+            fd = _open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR)
         except FileExistsError:
             pass
         else:
@@ -139,7 +162,7 @@ def try_lock(path: Path, attempts: int = 3) -> RunLock | None:
 def _reclaim(path: Path) -> RunLock | None:
     """Take over the lock at `path` if its owner was on this host and is gone; None otherwise."""
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = _open(path, os.O_RDWR)
     except FileNotFoundError:
         return None  # released meanwhile: the caller tries to create it again
     try:

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .atomic import atomic_path
+
 
 def _pyplot() -> Any | None:
     """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
@@ -40,8 +42,8 @@ def _colors(cells: pd.DataFrame) -> dict[str, str]:
 def _save(fig: Any, plt: Any, path: Path, title: str) -> bool:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # replaced atomically, never written through a link
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return True
 

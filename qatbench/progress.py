@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 
+from .atomic import open_append, own_folder
+from .errors import QatbenchError
+
 LOG_KINDS = ("csv", "tensorboard")
 FLUSH_STEPS = 50
 
@@ -76,20 +79,21 @@ class StepLog:
     """Per-step loss and learning rate, and the method's diagnostics at every flush, to CSV and/or TensorBoard."""
 
     def __init__(self, kinds: tuple[str, ...], stem: Path) -> None:
+        """Open the logs beside the record `stem` now, before training (never through a planted link)."""
         self.kinds, self.stem = kinds, stem
         self.pending: list[tuple[int, int, torch.Tensor, float]] = []
-        self.csv_file: Any = None
         self.csv_writer: Any = None
         self.columns: list[str] = []
         self.writer: Any = None
+        path = stem.with_suffix(".steps.csv")
+        self.csv_fresh = "csv" in kinds and not path.exists()
+        self.csv_file = open_append(path) if "csv" in kinds else None
         if "tensorboard" in kinds:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                from .errors import QatbenchError
-
                 raise QatbenchError("--log tensorboard needs tensorboard: pip install 'qatbench[logs]'") from None
-            self.writer = SummaryWriter(log_dir=str(stem.with_suffix(".tb")))
+            self.writer = SummaryWriter(log_dir=str(own_folder(stem.parent, stem.with_suffix(".tb").name)))
 
     def record(self, step: int, epoch: int, loss: torch.Tensor, lr: float, diagnostics: Callable[[], dict]) -> None:
         self.pending.append((step, epoch, loss.detach(), lr))
@@ -115,14 +119,11 @@ class StepLog:
             self.writer.flush()
 
     def _write_csv(self, rows: list[dict[str, Any]]) -> None:
-        path = self.stem.with_suffix(".steps.csv")
         if self.csv_writer is None:
-            fresh = not path.exists()
             self.columns = ["step", "epoch", "loss", "lr", *sorted({k for r in rows for k in r} - {"step", "epoch",
                                                                                                  "loss", "lr"})]
-            self.csv_file = open(path, "a", newline="")
             self.csv_writer = csv.DictWriter(self.csv_file, fieldnames=self.columns, extrasaction="ignore")
-            if fresh:
+            if self.csv_fresh:
                 self.csv_writer.writeheader()
         self.csv_writer.writerows(rows)
         self.csv_file.flush()
