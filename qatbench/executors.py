@@ -6,10 +6,10 @@ through `run_all` like any run: locked (so overlapping sweeps never train a run 
 checkpointed, resumed. A run that needs several processes (`--gpus-per-run G > 1`) is
 started by torchrun's own launcher (`torch.distributed.launcher`), one rank per device.
 
-- `local`: the standard library's process pool with K workers; each worker is pinned to
-  its own GPU (or group of G GPUs) when there are several, or several workers share one
-  (`--workers` above the number of GPUs: two runs share one H100 at about 1.9x the
-  throughput of one).
+- `local`: a pool of K worker processes (`qatbench.pool`: it outlives a worker killed by the
+  OOM killer, and no worker outlives it); each worker is pinned to its own GPU (or group of G
+  GPUs) when there are several, or several workers share one (`--workers` above the number of
+  GPUs: two runs share one H100 at about 1.9x the throughput of one).
 - `slurm`: one submitit job-array task per run (`map_array`), G tasks per job for a DDP run
   (submitit's `TorchDistributedEnvironment` sets the ranks). A preempted or timed-out job
   gets SIGUSR2 from SLURM (`--signal=USR2@120`): the run checkpoints at its next step,
@@ -20,10 +20,10 @@ started by torchrun's own launcher (`torch.distributed.launcher`), one rank per 
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
-import multiprocessing
+import functools
+import json
 import os
 import signal
 import sys
@@ -33,7 +33,9 @@ from typing import Any
 
 from .atomic import open_append
 from .errors import QatbenchError
+from .distributed import World
 from .options import Settings
+from .pool import Outcome, run_tasks
 from .signals import STOP_SIGNALS, Stopped, stop_signals
 
 EXECUTORS = ("inline", "local", "slurm", "debug")
@@ -86,34 +88,34 @@ def run_one(spec: Any, settings: Settings, stop_signals: tuple[int, ...] = STOP_
     return summary_line(run.label, records[0], files.record)
 
 
-class _PoolWorker:
-    """What a pool worker process holds from its start: the sweep's stop flag, set by the pool's owner."""
-
-    stopping: Any = None  # a multiprocessing Event
-
-
-def _start_worker(slots: Any, stopping: Any) -> None:
-    """Pool worker initializer: take a slot (a CUDA_VISIBLE_DEVICES value, if there are GPUs, and a share of
-    the CPU cores, which sizes the run's data loaders and threads) and keep the sweep's stop flag. Between
-    runs the worker ignores stop signals (a run routes them to its checkpoint), so that a stop passed on by
-    the pool's owner never kills an idle worker and breaks the pool."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    _PoolWorker.stopping = stopping
-    devices, cores = slots.get()
+def _start_worker(devices: str | None, cores: list[int]) -> None:
+    """Pool worker initializer: its slot, a CUDA_VISIBLE_DEVICES value (if there are GPUs) and a share of the CPU
+    cores (which sizes the run's data loaders; a run sets its own CPU threads, as its identity says)."""
     if devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices
     if cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)
-        if "torch" in sys.modules:  # imported with the spawned main module: its thread pool sized for every core
-            sys.modules["torch"].set_num_threads(len(cores))
 
 
-def _work(spec: Any, settings: Settings, per_run: int) -> str | None:
-    """One run in a pool worker: in this process, or on `per_run` ranks started by torchrun's launcher; None
-    when the sweep was stopped before the run could start."""
-    if _PoolWorker.stopping is not None and _PoolWorker.stopping.is_set():
-        return None
+def _death_record(spec: Any, settings: Settings, per_run: int) -> tuple[str, str]:
+    """(where the run's record goes, the record to write there if its worker dies: status `error`, its message
+    to come). Made in the worker before the run starts, from the run's identity alone."""
+    from .harness import RunFiles, bind_once, placeholder_record
+    from .registry import load_plugin_file
+    from .spec import resolve
+
+    for plugin in settings.plugins:
+        load_plugin_file(plugin)
+    run = resolve(dataclasses.replace(spec, processes=per_run))
+    bind_once([run], settings.data_root, settings.download, World())
+    files = RunFiles.of(settings.out, run)
+    return str(files.record), placeholder_record(run, settings.command).to_json()
+
+
+def _work(spec: Any, report: Any, settings: Settings, per_run: int) -> str:
+    """One run in a pool worker: in this process, or on `per_run` ranks started by torchrun's launcher; it reports
+    first what to record should the worker die."""
+    report(_death_record(spec, settings, per_run))
     if per_run == 1:
         return run_one(spec, settings)
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -157,73 +159,60 @@ def core_shares(workers: int) -> list[list[int]]:
 
 
 def run_local(specs: list[Any], settings: Settings, workers: int, per_run: int, log: Any = print) -> list[str]:
-    """Every run of `specs` on a pool of `workers` processes (each pinned to its devices); the summary lines.
+    """Every run of `specs` on a pool of `workers` processes (each pinned to its devices and cores); the summary
+    lines (`qatbench.pool`).
 
-    A stop signal sent to this process alone (`kill PID`, a scheduler's SIGTERM) is passed on to the
-    workers: their runs checkpoint at their next step and record `interrupted`, the runs not yet started
-    are dropped, and `Stopped` is raised once every started run has returned."""
+    A stop signal sent to this process alone (`kill PID`, a scheduler's SIGTERM) is passed on to the workers:
+    their runs checkpoint at their next step and record `interrupted`, the runs not yet started are dropped, and
+    `Stopped` is raised once every started run has returned. A worker that dies (killed by the OOM killer, say)
+    costs only its run, which is recorded `error` with how the worker died; the others go on, and the next sweep
+    resumes it from its last checkpoint. Killing this process (even with SIGKILL) ends the workers too."""
     if workers < 1 or per_run < 1:
         raise QatbenchError(f"--workers {workers} and --gpus-per-run {per_run} must be >= 1")
     device_type = "cuda" if specs and specs[0].device.startswith("cuda") else "cpu"
     if device_type == "cuda":
         specs = [dataclasses.replace(s, device="cuda") for s in specs]  # each worker sees only its own GPUs
-    context = multiprocessing.get_context("spawn")
-    slots, stopping = context.Queue(), context.Event()
-    for slot in zip(device_slots(device_type, workers, per_run), core_shares(workers)):
-        slots.put(slot)
+    slots = list(zip(device_slots(device_type, workers, per_run), core_shares(workers)))
     lines: list[str] = []
-    with stop_signals() as stop, concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_start_worker, initargs=(slots, stopping)) as pool:
-        pending = {pool.submit(_work, spec, settings, per_run) for spec in specs}
-        try:
-            _collect(pending, lines, stop, stopping, per_run, log)
-        except KeyboardInterrupt:  # Ctrl-C: the runs under way record `interrupted`, nothing more starts
-            _drop_queued(pending, stopping)
-            _signal_workers(signal.SIGTERM)  # where Ctrl-C reached only this process
-            raise
+
+    def ended(outcome: Outcome) -> None:
+        if isinstance(outcome.error, Stopped):  # its record says `interrupted`
+            log(f"a run was {outcome.error}")
+            return
+        if outcome.died is not None:
+            line = _record_death(outcome)
+        elif outcome.error is not None:
+            line = f"a run failed before training: {outcome.error}"
+        else:
+            line = outcome.result
+        lines.append(line)
+        log(line)
+
+    with stop_signals() as stop:
+        run_tasks(functools.partial(_work, settings=settings, per_run=per_run), specs, workers, ended,
+                  lambda: stop.signum, _start_worker, slots, forward=signal.SIGTERM if per_run > 1 else None)
     if stop:
         raise Stopped(stop.signum)
     return lines
 
 
-def _collect(pending: set[Any], lines: list[str], stop: Any, stopping: Any, per_run: int, log: Any) -> None:
-    """Wait for the pool's runs, logging each one's summary line (kept in `lines`); on a stop signal, pass it
-    on to the workers and drop the runs not yet started."""
-    forwarded = False
-    while pending:
-        done, pending = concurrent.futures.wait(pending, timeout=0.5,
-                                                return_when=concurrent.futures.FIRST_COMPLETED)
-        for future in done:
-            error = None if future.cancelled() else future.exception()
-            if future.cancelled() or (error is None and future.result() is None):
-                continue
-            if isinstance(error, Stopped):  # its record says `interrupted`
-                log(f"a run was {error}")
-                continue
-            lines.append(future.result() if error is None else f"a run failed before training: {error}")
-            log(lines[-1])
-        if stop:
-            if not forwarded:
-                _drop_queued(pending, stopping)
-            if not forwarded or per_run == 1:
-                # passed on again every half second: a worker between taking a run and routing stop signals
-                # to it ignores them, and a run ignores all but the first; torchrun's agents get it once
-                # (as SIGTERM, which they pass on to their ranks)
-                _signal_workers(stop.signum if per_run == 1 else signal.SIGTERM)
-            forwarded = True
+def _record_death(outcome: Outcome) -> str:
+    """Record the run of a worker that died (unless it finished first); its summary line."""
+    from .harness import finished_record
+    from .results import RunRecord, write_record
 
-
-def _drop_queued(pending: set[Any], stopping: Any) -> None:
-    """Start no more runs: those queued are cancelled, and one already handed to a worker returns unstarted."""
-    stopping.set()
-    for future in pending:
-        future.cancel()
-
-
-def _signal_workers(signum: int) -> None:
-    """Send `signum` to the pool's workers (this process's only children)."""
-    for child in multiprocessing.active_children():
-        os.kill(child.pid, signum)
+    code = outcome.died
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    why = " (the kernel's OOM killer sends SIGKILL when memory runs out)" if code == -signal.SIGKILL else ""
+    message = (f"its worker process died ({how}{why}) before the run ended; the next sweep resumes it from its "
+               "last checkpoint")
+    if outcome.started is None:
+        return f"a run's worker died before the run started: {how}"
+    path, placeholder = Path(outcome.started[0]), RunRecord.from_dict(json.loads(outcome.started[1]))
+    if finished_record(path) is None:
+        placeholder.status, placeholder.message = "error", message
+        write_record(path, placeholder)
+    return f"[{placeholder.task} {placeholder.method} s{placeholder.seed}] error: {message} -> {path}"
 
 
 def _submitit() -> Any:

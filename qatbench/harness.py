@@ -19,7 +19,9 @@ import datetime
 import itertools
 import json
 import math
+import os
 import random
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -34,7 +36,7 @@ from .atomic import own_folder
 from .distributed import World, all_reduce, broadcast, gather, gather_to_main, reduce_tensor_
 from .errors import QatbenchError
 from .export import check_fits, export_model, load_export
-from .locks import RunLock, read_lock, touch, try_lock
+from .locks import RunLock, read_lock, try_lock
 from .method import Method
 from .options import Settings
 from .quant import check_exact
@@ -496,7 +498,6 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
         clock.add("checkpoint_s", seconds)
         clock.totals["checkpoints"] += 1
         clock.totals["checkpoint_bytes"] = size
-        touch(files.lock)  # a sign of life for anyone looking at the run's lock
 
     try:
         for epoch in range(position.epoch, recipe.epochs):
@@ -638,6 +639,18 @@ def write_export(run: ResolvedRun, weights: dict[str, torch.Tensor], tables: dic
         return {"error": str(err)}
 
 
+def placeholder_record(run: ResolvedRun, command: str | None) -> RunRecord:
+    """What is known of a run before it starts, without touching its device (no CUDA context is made): its
+    identity, where it runs, status `error` until it finishes."""
+    return RunRecord(
+        run_id=run.run_id, spec=run.identity, method=run.method_cls.name, task=run.task.name, bits=run.bits,
+        seed=run.spec.seed, status="error", metric_name=run.task.metric, higher_is_better=run.task.higher_is_better,
+        quantized=run.method_cls.quantizes, data=run.data_fingerprint.to_dict(),
+        environment={"host": socket.gethostname(), "pid": os.getpid(), "device_type": run.device.type},
+        command=command, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
 def new_record(run: ResolvedRun, command: str | None, world: World = World()) -> RunRecord:
     """The record of `run` before it trains (status `error` until it finishes); it says how many processes
     and which devices train it, and in how many micro-batches each process takes its part of a batch."""
@@ -646,12 +659,7 @@ def new_record(run: ResolvedRun, command: str | None, world: World = World()) ->
     micro = min(run.spec.micro_batch or per_process, per_process)
     env.update(world_size=world.size, devices=gather(env["device_name"]), fsdp=run.spec.fsdp, micro_batch=micro,
                accumulation_steps=math.ceil(per_process / max(1, micro)))
-    return RunRecord(
-        run_id=run.run_id, spec=run.identity, method=run.method_cls.name, task=run.task.name, bits=run.bits,
-        seed=run.spec.seed, status="error", metric_name=run.task.metric, higher_is_better=run.task.higher_is_better,
-        quantized=run.method_cls.quantizes, data=run.data_fingerprint.to_dict(), environment=env,
-        command=command, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
+    return dataclasses.replace(placeholder_record(run, command), environment=env)
 
 
 def execute(run: ResolvedRun, data_root: Path | None = None, download: bool = True, log: Log = print,
@@ -685,7 +693,7 @@ def execute(run: ResolvedRun, data_root: Path | None = None, download: bool = Tr
     return record
 
 
-def _finished(path: Path) -> RunRecord | None:
+def finished_record(path: Path) -> RunRecord | None:
     """The finished record at `path`, or None (missing, unreadable, or not finished)."""
     try:
         existing = read_record(path)
@@ -706,7 +714,7 @@ def bind_once(runs: list[ResolvedRun], data_root: Path | None, download: bool, w
 def _claim(run: ResolvedRun, files: RunFiles, options: RunOptions) -> tuple[RunLock | None, RunRecord | None]:
     """(the run's lock, None) when this process should train it; (None, its finished record) when it is done;
     (None, None) when another process holds it. Says why it skips."""
-    existing = None if options.force else _finished(files.record)
+    existing = None if options.force else finished_record(files.record)
     if existing is not None:
         options.log(f"[{run.label}] skipped: record exists ({files.record}); --force reruns it")
         return None, existing
@@ -718,7 +726,7 @@ def _claim(run: ResolvedRun, files: RunFiles, options: RunOptions) -> tuple[RunL
                  if info and info.age_s > options.stale_lock_s else "")
         options.log(f"[{run.label}] skipped: {held}{stale}")
         return None, None
-    existing = None if options.force else _finished(files.record)
+    existing = None if options.force else finished_record(files.record)
     if existing is not None:  # another process finished it while we looked
         lock.release()
     return (None, existing) if existing is not None else (lock, None)

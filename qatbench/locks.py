@@ -6,9 +6,10 @@ it holds the lock, the owner also holds an advisory `flock` on the file, which t
 releases when the process dies, however it dies: a lock left by a dead process on this
 host is therefore recognised without guessing from pids, and taken over in place (the
 file is rewritten, never deleted, so two processes cannot both reclaim it). A lock
-written by another host cannot be judged from here; it is reported with its age (the
-owner refreshes the file's modification time as it works, so the age is the time since
-the owner last showed a sign of life). `fcntl.flock` exists on every POSIX system; written
+written by another host cannot be judged by its flock; it is judged by its age instead: a
+thread of the owner refreshes the file's modification time every HEARTBEAT_S seconds while it
+holds the lock, so the age is the time since the owner last showed a sign of life, and a lock
+older than ABANDONED_AFTER_S has lost its owner. `fcntl.flock` exists on every POSIX system; written
 by hand because no maintained library offers this create-or-reclaim protocol.
 
 A lock is never opened through a symbolic link (`O_NOFOLLOW`): a link planted at a run's
@@ -24,6 +25,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ from .errors import QatbenchError
 
 STALE_AFTER_S = 24 * 3600.0  # a lock of another host untouched this long is reported as probably stale
 UNWRITTEN_GRACE_S = 60.0  # an empty lock file this old lost its creator between creating and writing it
+HEARTBEAT_S = 30.0  # a held lock's modification time is refreshed this often, whatever its owner is doing
+ABANDONED_AFTER_S = 10 * HEARTBEAT_S  # a lock without a heartbeat for this long has lost its owner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +52,23 @@ class LockInfo:
 
 
 class RunLock:
-    """A held lock: refresh it while working, release it when done (or use it as a context manager)."""
+    """A held lock, its heartbeat beating (a thread refreshes its modification time every HEARTBEAT_S, so that
+    anyone can tell a lock whose owner is gone, on any host, from its age); release it when done (or use it as a
+    context manager)."""
 
     def __init__(self, path: Path, fd: int) -> None:
         self.path, self.fd = path, fd
+        self._released = threading.Event()
+        threading.Thread(target=self._beat, daemon=True).start()
+
+    def _beat(self) -> None:
+        while not self._released.wait(HEARTBEAT_S):
+            touch(self.path)
 
     def release(self) -> None:
         if self.fd < 0:
             return
+        self._released.set()
         try:
             if _same_file(self.path, self.fd):
                 self.path.unlink()
@@ -149,7 +162,12 @@ def try_lock(path: Path, attempts: int = 3) -> RunLock | None:
             pass
         else:
             fcntl.flock(fd, fcntl.LOCK_EX)  # waits only for a reclaimer that looked at the new file, briefly
-            _write_owner(fd)
+            try:
+                _write_owner(fd)
+            except OSError as err:  # a full disk: leave no empty lock behind
+                path.unlink(missing_ok=True)
+                os.close(fd)
+                raise QatbenchError(f"cannot take the lock {path}: {err.strerror or err}") from None
             return RunLock(path, fd)
         reclaimed = _reclaim(path)
         if reclaimed is not None:
@@ -175,5 +193,9 @@ def _reclaim(path: Path) -> RunLock | None:
     if not unwritten_and_old and (info is None or info.host != socket.gethostname()) or not _same_file(path, fd):
         os.close(fd)  # being written, another host's, or replaced meanwhile
         return None
-    _write_owner(fd)  # its owner died on this host (its flock is gone): the lock is ours now
+    try:
+        _write_owner(fd)  # its owner died on this host (its flock is gone): the lock is ours now
+    except OSError as err:
+        os.close(fd)
+        raise QatbenchError(f"cannot take the lock {path}: {err.strerror or err}") from None
     return RunLock(path, fd)

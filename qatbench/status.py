@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .atomic import is_temporary
-from .locks import held_by_live_process, read_lock
+from .locks import ABANDONED_AFTER_S, held_by_live_process, read_lock
 from .results import FINISHED, read_record
 
 STATES = ("finished", "failed", "interrupted", "running", "stale lock", "never started")
@@ -64,17 +64,23 @@ def run_status(stem: Path, root: Path) -> RunStatus:
             metric = "" if record.metric is None else f" {record.metric_name} {record.metric:.2f}"
             row.state, row.detail = "finished", f"{record.status}{metric}"
             return row
-    if lock_file.exists():
+    if lock_file.exists() or lock_file.is_symlink():
         info = read_lock(lock_file)
         row.holder = f"{info.host}:{info.pid}" if info else None
-        live = held_by_live_process(lock_file)
-        if live or info is None or not _on_this_host(info.host):
+        if held_by_live_process(lock_file) or info is not None and not _on_this_host(info.host) and \
+                info.age_s < ABANDONED_AFTER_S:
             row.state = "running"
             row.detail = info.describe() if info else "locked"
             if checkpoint_file.exists():
                 row.detail += "; " + _describe_checkpoint(checkpoint_file, row)
             return row
-        row.state, row.detail = "stale lock", f"{info.describe()}, but pid {info.pid} is gone"
+        row.state = "stale lock"
+        if info is None:
+            row.detail = f"{lock_file.name} is unreadable or empty and no process holds it"
+        elif _on_this_host(info.host):
+            row.detail = f"{info.describe()}, but pid {info.pid} is gone"
+        else:
+            row.detail = f"{info.describe()}: no heartbeat for {info.age_s / 60:.0f} min, its owner is gone"
         return row
     if checkpoint_file.exists():
         row.state = "interrupted"

@@ -77,3 +77,32 @@ def test_runs_of_a_sweep_that_never_started_are_listed(idx_root, isolated_data_e
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("mnist-mlp/parq-b2-s0-") and "never started" in line for line in lines)
     assert lines[-1] == "2 runs: 1 finished, 1 never started"
+
+
+def test_a_lock_without_a_heartbeat_is_stale_on_any_host(tmp_path, capsys):
+    folder = tmp_path / "runs" / "mnist-mlp"
+    folder.mkdir(parents=True)
+    (folder / "g-empty.lock").write_text("")  # left by a process that died while taking it (a full disk)
+    for name, age in (("h-other-host-alive", 60.0), ("i-other-host-gone", 600.0)):
+        path = folder / f"{name}.lock"
+        path.write_text(json.dumps({"host": "another-host", "pid": 7, "started": "2026-01-01T00:00:00+00:00"}))
+        os.utime(path, (path.stat().st_mtime - age, path.stat().st_mtime - age))
+    assert main(["status", str(tmp_path / "runs")]) == 0
+    text = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[:-1]}
+    assert "stale lock" in text["mnist-mlp/g-empty"] and "unreadable or empty" in text["mnist-mlp/g-empty"]
+    assert "running" in text["mnist-mlp/h-other-host-alive"]
+    assert "stale lock" in text["mnist-mlp/i-other-host-gone"] and "no heartbeat for 10 min" in \
+        text["mnist-mlp/i-other-host-gone"]
+
+
+def test_a_held_lock_beats(tmp_path, monkeypatch):
+    import time
+
+    import qatbench.locks as locks
+
+    monkeypatch.setattr(locks, "HEARTBEAT_S", 0.05)
+    lock = try_lock(tmp_path / "r.lock")
+    os.utime(tmp_path / "r.lock", (0, 0))
+    time.sleep(0.3)
+    assert time.time() - (tmp_path / "r.lock").stat().st_mtime < 5  # refreshed while held
+    lock.release()
