@@ -546,6 +546,8 @@ def _train(run: ResolvedRun, record: RunRecord, files: RunFiles | None, options:
             record.epochs_completed = epoch + 1
             record.history.append({"epoch": epoch + 1, "train_loss": mean_loss, task.metric: metric,
                                    "lr": scheduler.get_last_lr()[0], **method.diagnostics(), **monitor.epoch_summary()})
+            if step_log is not None:
+                step_log.epoch(position.step, record.history[-1])
             log(f"[{run.label}] epoch {epoch + 1}/{recipe.epochs} loss {mean_loss:.4f} {task.metric} {metric:.2f} "
                 f"({clock.snapshot()['wall_s']:.1f}s)")
             if not math.isfinite(mean_loss):

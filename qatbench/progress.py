@@ -5,7 +5,8 @@ every `interval_s` seconds with the step, the loss, steps per second and the tim
 Reading the loss waits for the device, so it happens only when a line is printed.
 
 Step logs (`--log csv`, `--log tensorboard`): the loss and learning rate of every step
-and the method's diagnostics every `FLUSH_STEPS` steps. Losses are kept on the device and
+and the method's diagnostics every `FLUSH_STEPS` steps; TensorBoard also gets each epoch's
+summary as the record holds it (`epoch/top1`, `epoch/transition_rate`, ...). Losses are kept on the device and
 read once per flush. The CSV file (`<record>.steps.csv`) and the TensorBoard folder
 (`<record>.tb/`) sit beside the record; a resumed run appends to them. The JSON record
 stays the source of truth.
@@ -117,6 +118,16 @@ class StepLog:
                     if key not in ("step", "epoch"):
                         self.writer.add_scalar(f"train/{key}", value, row["step"])
             self.writer.flush()
+
+    def epoch(self, step: int, summary: dict[str, Any]) -> None:
+        """An epoch's summary as the record holds it (its metric, loss, transition rate, the method's schedule
+        values), under `epoch/` in TensorBoard at the step where the epoch ended."""
+        if self.writer is None:
+            return
+        for key, value in summary.items():
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"epoch/{key}", value, step)
+        self.writer.flush()
 
     def _write_csv(self, rows: list[dict[str, Any]]) -> None:
         if self.csv_writer is None:

@@ -14,6 +14,7 @@ import importlib.util
 import pkgutil
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -78,7 +79,13 @@ class Registry(Generic[T]):
             if not module.name.startswith("_"):
                 importlib.import_module(f"{self.package}.{module.name}")
         for entry in entry_points(group=self.package):
-            entry.load()
+            try:
+                entry.load()
+            except QatbenchError:
+                raise
+            except Exception as err:  # an installed package's plugin that fails to import
+                raise QatbenchError(f"the {self.kind} plugin {entry.name!r} ({entry.value}) of entry-point group "
+                                    f"{self.package!r} failed to load: {_one_line(err)}") from None
         self._discovered = True
 
 
@@ -96,7 +103,31 @@ def load_plugin_file(path: str | Path) -> None:
         raise QatbenchError(f"plugin file {str(path)!r} is not a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except QatbenchError:
+        del sys.modules[module_name]
+        raise
+    except SyntaxError as err:
+        del sys.modules[module_name]
+        raise QatbenchError(f"plugin file {str(path)!r}, line {err.lineno}: SyntaxError: {err.msg}") from None
+    except Exception as err:  # any failure of the plugin's own code: where in the file, and what
+        del sys.modules[module_name]
+        raise QatbenchError(f"plugin file {str(path)!r}{_line_in(err, path)}: {_one_line(err)}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _line_in(err: BaseException, path: Path) -> str:
+    """`, line N`: the last line of `path` on the error's traceback (where the plugin's code failed)."""
+    line = None
+    for frame, number in traceback.walk_tb(err.__traceback__):
+        if Path(frame.f_code.co_filename).resolve() == path.resolve():
+            line = number
+    return f", line {line}" if line is not None else ""
 
 
 METHODS: Registry = Registry("method", "qatbench.methods")

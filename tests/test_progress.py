@@ -5,6 +5,7 @@ import csv
 import pytest
 
 from qatbench.cli import main
+from qatbench.results import load_records
 
 
 def _run(idx_root, out, *extra):
@@ -41,6 +42,10 @@ def test_tensorboard_logs_the_scalars(idx_root, isolated_data_env, tmp_path):
     events = EventAccumulator(str(folder))
     events.Reload()
     assert len(events.Scalars("train/loss")) == 60 and events.Scalars("train/lr")
+    [record] = load_records([out])
+    for key in ("top1", "transition_rate", "distance_to_levels", "train_loss"):  # what the record holds, per epoch
+        values = [s.value for s in events.Scalars(f"epoch/{key}")]
+        assert values == pytest.approx([h[key] for h in record.history], rel=1e-6), key
 
 
 def test_an_unknown_log_kind_is_a_one_line_error(capsys):

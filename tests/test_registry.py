@@ -52,3 +52,19 @@ def test_plugin_file_registers_a_method(tmp_path):
 def test_missing_plugin_file_is_a_one_line_error(tmp_path):
     with pytest.raises(QatbenchError, match="does not exist"):
         load_plugin_file(tmp_path / "nope.py")
+
+
+@pytest.mark.parametrize("source, message", [
+    ("import math\ndef broken(:\n    pass\n", "line 2: SyntaxError: "),
+    ("import math\n\nx = 1\nraise RuntimeError('no GPU here')\n", "line 4: RuntimeError: no GPU here"),
+    ("import a_module_that_does_not_exist\n", "line 1: ModuleNotFoundError: No module named"),
+    ("def helper():\n    return 1 / 0\n\nhelper()\n", "line 2: ZeroDivisionError: division by zero"),
+], ids=["syntax", "raises", "import", "nested"])
+def test_a_plugin_that_fails_is_one_line_naming_file_line_and_error(source, message, tmp_path, capsys):
+    from qatbench.cli import main
+
+    plugin = tmp_path / "bad_plugin.py"
+    plugin.write_text(source)
+    assert main(["list", "methods", "--plugin", str(plugin)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"plugin file '{plugin}', {message}" in err, err
