@@ -101,3 +101,15 @@ def test_sweep_dry_run_lists_the_runs(tmp_path, capsys, idx_root, isolated_data_
     assert main(["sweep", str(path), "--dry-run", "--data-root", str(tmp_path / "none")]) == 0
     out = capsys.readouterr().out
     assert "mnist-mlp ste b2 s0\n" in out and "2 runs (run ids need the data: MNIST not found" in out
+
+
+@pytest.mark.parametrize("text, message", [
+    ("task: mnist-mlp\nbits: [2]\nseeds: [0, 0]\nmethods: {ste: {}}\n", "mnist-mlp ste bits 2 seed 0 is listed 2 times"),
+    ("task: mnist-mlp\nbits: [2, '2']\nmethods: {ste: {}}\n", "is listed 2 times"),
+    ("tasks: [mnist-mlp, mnist-mlp]\nbits: [2]\nmethods: {ste: {}}\n", "is listed 2 times"),
+])
+def test_a_run_listed_twice_is_an_error_not_one_run_counted_twice(text, message, tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    with pytest.raises(QatbenchError, match=message):
+        load_sweep(path, "cpu")
