@@ -9,7 +9,6 @@ from torch import Tensor
 
 from qatbench.method import EVERY_GRANULARITY, ProxConfig, ProxMethod
 from qatbench.params import param
-from qatbench.quant import hard_quantize
 from qatbench.registry import METHODS
 from qatbench.schedules import linear_ramp, resolve_point
 
@@ -41,7 +40,7 @@ class BinaryRelax(ProxMethod):
 
     def prox(self, latent: Tensor, levels: Tensor, t: int) -> Tensor:
         theta = linear_ramp(t, self.anneal_start, self.anneal_end)
-        return latent.lerp(hard_quantize(latent, levels, evenly_spaced=self.quantizer.evenly_spaced), theta)
+        return latent.lerp(self.nearest_level(latent, levels), theta)
 
     def prox_flat(self, latent: Tensor, t: int, out: Tensor) -> None:
         self.theta = linear_ramp(t, self.anneal_start, self.anneal_end)

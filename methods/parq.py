@@ -10,7 +10,7 @@ from torch import Tensor
 
 from qatbench.method import EVERY_GRANULARITY, ProxConfig, ProxMethod
 from qatbench.params import param
-from qatbench.quant import grid, hard_quantize
+from qatbench.quant import FlatLevels, Quantizer, rows_quantizer
 from qatbench.registry import METHODS
 from qatbench.schedules import normalized_mirror_sigmoid, resolve_point
 
@@ -27,28 +27,28 @@ class PARQConfig(ProxConfig):
     quant_shrink: bool = param(False, "AProx shrinkage: quantize w / gamma instead of w")
 
 
-def parq_prox(latent: Tensor, levels: Tensor, inv_slope: float, evenly_spaced: bool = False) -> Tensor:
-    """Prox map of the piecewise-affine regularizer with inverse slope `rho`.
+def parq_map(quantizer: Quantizer, latent: Tensor, levels: FlatLevels, inv_slope: float,
+             out: Tensor | None = None) -> Tensor:
+    """Prox map of the piecewise-affine regularizer with inverse slope `rho`, on a flat buffer of rows and their
+    levels (the shared quantizer's), into `out` when given.
 
-    For `w` in its interval `[q_lo, q_hi]` of Q (below q_1 both ends are q_1, above
-    q_m both are q_m): `p = clamp(c + (w - c) / rho, q_lo, q_hi)`, `c = (q_lo + q_hi) / 2`.
-    `rho = 1` is the identity inside `[q_1, q_m]` (a clamp outside); `rho = 0` is hard quantization.
-    """
+    For `w` in its interval `[q_lo, q_hi]` of Q (below q_1 both ends are q_1, above q_m both are q_m):
+    `p = clamp(c + (w - c) / rho, q_lo, q_hi)`, `c = (q_lo + q_hi) / 2`, in value units as the reference's
+    `ProxPARQ`. `rho = 1` is the identity inside `[q_1, q_m]` (a clamp outside; the affine form would round
+    it); `rho = 0` is hard quantization."""
     if inv_slope == 0.0:
-        return hard_quantize(latent, levels, evenly_spaced=evenly_spaced)
-    if inv_slope == 1.0:  # exactly w inside the range (the affine form would round it)
-        return torch.clamp(latent, levels[:, :1], levels[:, -1:])
-    rho = max(inv_slope, torch.finfo(latent.dtype).tiny)
-    if evenly_spaced:  # the interval in closed form: j = clamp(floor(w / s - c_0), 0, m - 2), q = fl((c_0 + j) s)
-        first, step = grid(levels)
-        interval = (latent / step).sub_(first).floor_().clamp_(0, levels.shape[1] - 2).add_(first)
-        q_lo = interval * step
-        q_hi = (interval + 1).mul_(step)
-    else:
-        upper_index = torch.searchsorted(levels.contiguous(), latent.contiguous())
-        q_lo = levels.gather(1, (upper_index - 1).clamp_(min=0))
-        q_hi = levels.gather(1, upper_index.clamp_(max=levels.shape[1] - 1))
-    return _relax_and_clamp(latent, q_lo, q_hi, rho)
+        return quantizer.hard_quantize(latent, levels, out=out)
+    if inv_slope == 1.0:
+        per_element = quantizer.layout.per_element
+        return torch.clamp(latent, per_element(levels.table[:, 0]), per_element(levels.table[:, -1]), out=out)
+    q_lo, q_hi = quantizer.interval(latent, levels)
+    return _relax_and_clamp(latent, q_lo, q_hi, max(inv_slope, torch.finfo(latent.dtype).tiny), out=out)
+
+
+def parq_prox(latent: Tensor, levels: Tensor, inv_slope: float, evenly_spaced: bool = False) -> Tensor:
+    """`parq_map` of one tensor's rows `(R, C)` with their level table `(R, m)` (the per-tensor hook)."""
+    quantizer, flat, flat_levels = rows_quantizer(latent, levels, evenly_spaced)
+    return parq_map(quantizer, flat, flat_levels, inv_slope).view_as(latent)
 
 
 def _relax_and_clamp(latent: Tensor, q_lo: Tensor, q_hi: Tensor, rho: float, out: Tensor | None = None) -> Tensor:
@@ -118,30 +118,11 @@ class PARQ(ProxMethod):
         return parq_prox(latent, levels, self.inverse_slope(t), self.quantizer.evenly_spaced)
 
     def prox_flat(self, latent: Tensor, t: int, out: Tensor) -> None:
-        rho = self.inv_slope = self.inverse_slope(t)
-        if not self.maps(t):
-            out.copy_(latent)
-        elif rho == 0.0:
-            self.hard_quantize(latent, out=out)
-        elif rho == 1.0:
-            table, per_element = self.flat_levels.table, self.layout.per_element
-            torch.clamp(latent, per_element(table[:, 0]), per_element(table[:, -1]), out=out)
-        elif self.flat_levels.steps is not None:
-            self._uniform_prox(latent, max(rho, torch.finfo(latent.dtype).tiny), out)
+        self.inv_slope = self.inverse_slope(t)
+        if self.maps(t):
+            parq_map(self.quant, latent, self.flat_levels, self.inv_slope, out=out)
         else:
-            q_lo, q_hi = self.quant.interval(latent, self.flat_levels)
-            _relax_and_clamp(latent, q_lo, q_hi, max(rho, torch.finfo(latent.dtype).tiny), out=out)
-
-    def _uniform_prox(self, latent: Tensor, rho: float, out: Tensor) -> None:
-        """The prox on uniform levels in units of the step: with `u = w / s` in `[c_j, c_j + 1]`, the
-        position `v = u - c_j` maps to `clamp(1/2 + (v - 1/2) / rho, 0, 1)` and `p = fl((c_j + v') s)`,
-        bitwise a level wherever the clamp holds (12 whole-buffer operations)."""
-        first = self.quant.first
-        steps = self.flat_levels.element_steps
-        scaled = torch.div(latent, steps, out=out)
-        lower = (scaled - first).floor_().clamp_(0, self.quant.m - 2).add_(first)  # c_j
-        position = scaled.sub_(lower).mul_(1.0 / rho).add_(0.5 - 0.5 / rho).clamp_(0.0, 1.0)
-        position.add_(lower).mul_(steps)
+            out.copy_(latent)
 
     def diagnostics(self) -> dict[str, float]:
         return {"inv_slope": self.inv_slope, "gamma": self.gamma}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from qatbench.method import EVERY_GRANULARITY
 from qatbench.methods.fp import FullPrecision
-from qatbench.quant import estimate_levels, hard_quantize
 from qatbench.registry import METHODS
 
 
@@ -22,6 +22,7 @@ class RoundToNearest(FullPrecision):
     """
 
     quantizes = True
+    sharded_granularities = EVERY_GRANULARITY
 
     def __init__(self, config, optimizer, quantizer, total_steps, generator) -> None:
         super().__init__(config, optimizer, quantizer, total_steps, generator)
@@ -29,9 +30,11 @@ class RoundToNearest(FullPrecision):
 
     @torch.no_grad()
     def finalize(self) -> None:
-        self.final_levels = [estimate_levels(rows, self.quantizer) for rows in self.rows]
-        for rows, levels in zip(self.rows, self.final_levels):
-            hard_quantize(rows, levels, out=rows, evenly_spaced=self.quantizer.evenly_spaced)
+        flat = self.flat_weights()
+        levels = self.quant.levels(flat)
+        self.quant.hard_quantize(flat, levels, out=flat)
+        torch._foreach_copy_(self.views, self.layout.views(flat))
+        self.final_levels = self.layout.table_views(levels.table)
 
     def level_tables(self) -> list[Tensor]:
         return self.final_levels

@@ -5,7 +5,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from qatbench.method import EVERY_GRANULARITY, ProxMethod
-from qatbench.quant import hard_quantize
 from qatbench.registry import METHODS
 
 
@@ -21,7 +20,7 @@ class STE(ProxMethod):
     sharded_granularities = EVERY_GRANULARITY  # elementwise prox on flat buffers: shards reduce (--fsdp)
 
     def prox(self, latent: Tensor, levels: Tensor, t: int) -> Tensor:
-        return hard_quantize(latent, levels, evenly_spaced=self.quantizer.evenly_spaced)
+        return self.nearest_level(latent, levels)
 
     def prox_flat(self, latent: Tensor, t: int, out: Tensor) -> None:
         self.hard_quantize(latent, out=out)

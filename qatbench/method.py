@@ -18,9 +18,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .flat import FlatLayout, FlatLevels, FlatQuantizer, alias, make_levels
+from .flat import FlatLayout, alias
 from .params import NoConfig, param
-from .quant import QuantizerConfig
+from .quant import FlatLevels, Quantizer, QuantizerConfig, hard_quantize, make_levels
 from .schedules import resolve_point
 from .sharding import is_sharded, local
 
@@ -153,7 +153,7 @@ class ProxMethod(Method):
         self.warmup_steps = resolve_point(config.warmup, total_steps, "warmup")
         self.params = Method.quantized_params(self)  # the model's, before the optimizer holds latent copies
         self.layout = FlatLayout([local(p.detach()) for p in self.params], quantizer.granularity, self.sharded)
-        self.quant = FlatQuantizer(quantizer, self.layout)
+        self.quant = Quantizer(quantizer, self.layout)
         self.weights = alias(self.params, self.layout)  # the model's quantized weights, flat (None: copied)
         self.param_views = [local(p.detach()) for p in self.params]  # under FSDP: this rank's shards
         self.output = self.weights  # where prox writes the model's weights (a staging buffer when copied)
@@ -191,6 +191,11 @@ class ProxMethod(Method):
         tables = self.layout.table_views(self.flat_levels.table)
         for rows, table, out_rows in zip(self.layout.row_views(latent), tables, self.layout.row_views(out)):
             out_rows.copy_(self.prox(rows, table, t))
+
+    def nearest_level(self, latent: Tensor, levels: Tensor) -> Tensor:
+        """For a `prox` hook: the nearest level of every weight of one tensor's rows in their table, rounded the
+        way the method's quantizer rounds (`qatbench.quant`: closed form for uniform levels, ties down)."""
+        return hard_quantize(latent, levels, evenly_spaced=self.quantizer.evenly_spaced)
 
     def prox_input(self, latent: Tensor) -> Tensor:
         """What the levels are estimated from and `prox` acts on (PARQ may shrink it)."""

@@ -1,46 +1,57 @@
-"""The shared quantizer: one for every method, so that comparisons are fair.
+"""The shared quantizer: one definition of levels, rounding and ties, so that every comparison is fair.
 
-Every function works on a 2-D *row view* of a weight: one row per output channel
-for per-channel quantization (conv weights flattened to `(out, in*kh*kw)`), a
-single row for per-tensor quantization. Levels are a `(rows, m)` tensor, sorted
-along dim 1.
+`Quantizer` is the only implementation. It acts on a `FlatLayout` (`qatbench.flat`) of rows (one
+row per output channel, or one row per tensor); every other path goes through it: the flat step
+of every method, the per-tensor hook `prox(latent, levels, t)` (whose `estimate_levels`,
+`hard_quantize` and `level_indices` below run the same code on a layout of that one tensor),
+fp's diagnostics, rtn, the export and the bench. Conformance tests hold the paths bitwise equal
+(`tests/test_quant.py`).
 
-Level sets (after the PARQ reference `UnifQuantizer`, MIT):
+Level sets (after the PARQ reference `UnifQuantizer` / `LSBQuantizer`, MIT), per row:
 
-* uniform, b bits: `q_max = min(b * mean|w|, max|w|)`,
-  `s = q_max / (2^(b-1) - 1/2)`, levels `(k - (2^b - 1)/2) * s` for k = 0..2^b-1.
-  For b = 1 this is `{-q_max, +q_max}`.
-* uniform ternary: `s = max|w| / 1.5`, levels `{-s, 0, s}`.
-
-One definition of a uniform level serves the level table, the closed-form fast paths and
-the exported model: `level_k = fl(c_k * s)`, the row's step `s` times the coefficient
-`c_k = k - (m - 1)/2` (an exact half-integer or integer), rounded once. The step is
-recovered exactly from a table (`grid`: `s = 2 * level` at `c = 1/2`, or the level at
-`c = 1` for ternary), so a weight the fast path quantizes is bitwise an entry of its table.
+* uniform, b bits: `q_max = min(b * mean|w|, max|w|)`, `s = q_max / (2^(b-1) - 1/2)`, levels
+  `fl(c_k * s)`, `c_k = k - (2^b - 1)/2`, k = 0..2^b-1 (for b = 1: `{-q_max, +q_max}`);
+* uniform ternary: `s = max|w| / 1.5`, levels `{-s, 0, s}`;
 * LSBQ, b bits (greedy least-squares binary quantization, Pouransari et al. 2020):
-  `r = w`; for j = 1..b: `v_j = mean|r|`, `r -= v_j sign(r)` (sign(0) = +1);
-  levels `sort{+-v_1 +- ... +- v_b}`.
+  `r = w`; for j = 1..b: `v_j = mean|r|`, `r -= v_j sign(r)` (sign(0) = +1); levels
+  `sort{+-v_1 +- ... +- v_b}`;
 * LSBQ ternary: `v = 1.1 mean|w|`, levels `{-v, 0, v}`.
 
-Hard quantization maps each weight to its nearest level,
-`Q[searchsorted(midpoints(Q), w)]` (a weight exactly on a midpoint goes down).
+Means are sums accumulated in float64 divided by the row's length, then rounded once to the
+weights' dtype: as accurate as `torch.mean` (closer than a float32 running sum), whatever
+the layout. The step never falls below twice the dtype's smallest normal number, so a row of
+zeros still has distinct levels.
+
+Rounding, one rule for every path: the nearest level; a weight exactly halfway between two
+levels goes to the lower one (as `torch.bucketize`). Uniform levels are rounded in closed
+form on `u = fl(w / s)`: the nearest coefficient is `ceil(u) - 1/2` for an even number of
+levels, `ceil(u - 1/2)` for an odd one, clamped to the table; the result `fl(c * s)` is bitwise
+an entry of the table. Other level sets are searched: the level index is the number of the
+row's midpoints `fl((q_k + q_{k+1}) / 2)` strictly below `w`. Which of the two a row takes is
+its scheme's (`QuantizerConfig.evenly_spaced`), never a guess from the table.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from .errors import QatbenchError
+from .flat import FlatLayout, as_rows
 
 TERNARY = 0
 """`bits == TERNARY` selects the three-level set {-s, 0, s} ("T" on the command line)."""
 
 MAX_BITS = 8
+
+__all__ = ["MAX_BITS", "TERNARY", "FlatLevels", "Quantizer", "QuantizerConfig", "as_rows", "bits_label", "bits_order",
+           "check_exact", "distinct_per_row", "estimate_levels", "grid", "grid_coefficients", "hard_quantize",
+           "level_indices", "levels_of_table", "num_levels", "parse_bits", "rows_quantizer"]
 
 
 def parse_bits(text: str) -> int:
@@ -89,72 +100,13 @@ class QuantizerConfig:
 
     @property
     def evenly_spaced(self) -> bool:
-        """Uniform levels (ternary included) are a grid with a positive step: closed-form rounding applies."""
+        """Uniform levels (ternary included) are a grid with a positive step: they are rounded in closed form."""
         return self.scheme == "uniform"
-
-
-def as_rows(weight: Tensor, granularity: str) -> Tensor:
-    """A 2-D *view* of `weight` (writes reach the weight): `(out_channels, rest)` per channel,
-    `(1, numel)` per tensor. A channels-last conv weight is viewed in its memory order
-    (out, h, w, in), which keeps each output channel in one row."""
-    if weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
-        weight = weight.permute(0, 2, 3, 1)
-    if granularity == "channel" and weight.dim() > 1:
-        return weight.view(weight.shape[0], -1)
-    return weight.view(1, -1)
 
 
 def grid_coefficients(m: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
     """`c_k = k - (m - 1) / 2`, k = 0..m-1: the exact multiples of the step that uniform levels are."""
     return torch.arange(m, dtype=dtype, device=device) - (m - 1) / 2
-
-
-def _step_floor(dtype: torch.dtype) -> float:
-    """The smallest step: twice the smallest normal number, so that half a step is still normal (exact)."""
-    return 2 * torch.finfo(dtype).tiny
-
-
-def uniform_levels(rows: Tensor, bits: int) -> Tensor:
-    """Uniform symmetric levels `fl(c_k * s)`, `(rows, m)`."""
-    magnitude = rows.abs()
-    abs_max = magnitude.amax(dim=1, keepdim=True)
-    if bits == TERNARY:
-        q_max, half_range = abs_max, 1.5
-    else:
-        q_max = torch.minimum(bits * magnitude.mean(dim=1, keepdim=True), abs_max)
-        half_range = 2 ** (bits - 1) - 0.5
-    step = (q_max / half_range).clamp_(min=_step_floor(rows.dtype))
-    return grid_coefficients(num_levels(bits), rows.dtype, rows.device) * step
-
-
-def lsbq_levels(rows: Tensor, bits: int) -> Tensor:
-    """Greedy LSBQ levels, `(rows, m)`, sorted."""
-    if bits == TERNARY:
-        v = 1.1 * rows.abs().mean(dim=1, keepdim=True)
-        return torch.cat([-v, torch.zeros_like(v), v], dim=1)
-    residual = rows.clone()
-    coefficients = []
-    for _ in range(bits):
-        v = residual.abs().mean(dim=1, keepdim=True)
-        sign = torch.where(residual >= 0, 1.0, -1.0).to(rows.dtype)
-        residual -= v * sign
-        coefficients.append(v)
-    basis = torch.cat(coefficients, dim=1)  # (rows, b)
-    signs = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=bits)), dtype=rows.dtype, device=rows.device)
-    return (basis @ signs.T).sort(dim=1).values  # (rows, 2^b)
-
-
-def estimate_levels(rows: Tensor, config: QuantizerConfig) -> Tensor:
-    """The level table of `rows` under `config`."""
-    with torch.no_grad():
-        if config.scheme == "lsbq":
-            return lsbq_levels(rows, config.bits)
-        return uniform_levels(rows, config.bits)
-
-
-def midpoints(levels: Tensor) -> Tensor:
-    """Decision boundaries between neighbouring levels, `(rows, m - 1)`, contiguous."""
-    return ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
 
 
 def grid(levels: Tensor) -> tuple[float, Tensor]:
@@ -167,33 +119,197 @@ def grid(levels: Tensor) -> tuple[float, Tensor]:
     return -(m - 1) / 2, levels[:, (m + 1) // 2: (m + 1) // 2 + 1]
 
 
-def grid_index(rows: Tensor, levels: Tensor) -> Tensor:
-    """For uniform levels: `clamp(round(w / s - c_0), 0, m - 1)`, the nearest level's index as floats,
-    in a few elementwise kernels instead of a binary search. A weight within a rounding error of a
-    midpoint may go to either neighbour."""
-    first, step = grid(levels)
-    return (rows / step).sub_(first).round_().clamp_(0, levels.shape[1] - 1)
+# ---------------------------------------------------------------- levels of a layout
 
 
-def level_indices(rows: Tensor, levels: Tensor, bounds: Tensor | None = None, evenly_spaced: bool = False) -> Tensor:
-    """Integer index of the nearest level of every weight, `(rows, cols)` int64.
+@dataclasses.dataclass
+class FlatLevels:
+    """The level tables of every row of a layout, and what rounding to them needs: for uniform levels each row's
+    step `(R,)` and that step repeated over the row's elements `(N,)` (closed-form rounding is five elementwise
+    operations); for other level sets each row's midpoints, then +inf, padded to a power of two `(R * S,)`, which
+    a branchless binary search walks with log2(m) gathers. Per quantized weight, 4 bytes."""
 
-    `bounds` are `midpoints(levels)`, which methods cache between level refreshes;
-    `evenly_spaced` takes the closed form of `grid_index`."""
-    if evenly_spaced:
-        return grid_index(rows, levels).long()
-    return torch.searchsorted(midpoints(levels) if bounds is None else bounds, rows.contiguous())
+    table: Tensor  # (R, m) sorted levels
+    steps: Tensor | None  # (R,) uniform levels' steps; None for other level sets
+    element_steps: Tensor | None  # (N,) each element's row's step (uniform levels)
+    bounds: Tensor | None  # (R * S,) each row's midpoints, then +inf (other level sets); S = search_stride(m)
+    padded: Tensor | None  # (R * S,) each row's levels, then +inf
+
+    @property
+    def m(self) -> int:
+        return self.table.shape[1]
 
 
-def hard_quantize(rows: Tensor, levels: Tensor, bounds: Tensor | None = None, out: Tensor | None = None,
-                  evenly_spaced: bool = False) -> Tensor:
-    """Nearest level of every weight, `Q[searchsorted(midpoints(Q), w)]` (a weight exactly on a
-    midpoint goes down), written into `out` when given; with `evenly_spaced` (uniform levels),
-    `fl((c_0 + grid_index(w)) * s)`, bitwise the table's entry."""
-    if evenly_spaced:
-        first, step = grid(levels)
-        return torch.mul(grid_index(rows, levels).add_(first), step, out=out)
-    return torch.gather(levels, 1, level_indices(rows, levels, bounds), out=out)
+def search_stride(m: int) -> int:
+    """The row stride of the searched tables: a power of two > m, room for every binary search over them."""
+    return 1 << m.bit_length()
+
+
+def _power_of_two_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _padded(table: Tensor, width: int) -> Tensor:
+    pad = torch.full((table.shape[0], width - table.shape[1]), math.inf, dtype=table.dtype, device=table.device)
+    return torch.cat([table, pad], dim=1).contiguous()
+
+
+def make_levels(table: Tensor, steps: Tensor | None, layout: FlatLayout) -> FlatLevels:
+    """The levels of a layout from their tables (and, for uniform levels, their steps): what rounding needs."""
+    if steps is not None:
+        return FlatLevels(table.contiguous(), steps, layout.per_element(steps), None, None)
+    stride = search_stride(table.shape[1])
+    bounds = (table[:, 1:] + table[:, :-1]) / 2
+    return FlatLevels(table.contiguous(), None, None, _padded(bounds, stride).view(-1), _padded(table, stride).view(-1))
+
+
+def levels_of_table(table: Tensor, evenly_spaced: bool, layout: FlatLayout) -> FlatLevels:
+    """The levels of a layout from their tables alone (a uniform table's steps are recovered exactly, `grid`)."""
+    return make_levels(table, grid(table)[1].reshape(-1) if evenly_spaced else None, layout)
+
+
+class Quantizer:
+    """The shared quantizer over a flat layout: levels, hard quantization, level indices, level intervals.
+
+    Its constants (the grid coefficients, LSBQ's sign patterns) are made once, on the layout's device."""
+
+    def __init__(self, config: QuantizerConfig, layout: FlatLayout) -> None:
+        self.config, self.layout = config, layout
+        self.m = num_levels(config.bits)
+        self.first = -(self.m - 1) / 2
+        device, dtype = layout.device, layout.dtype
+        self.coefficients = grid_coefficients(self.m, dtype, device)
+        self.signs = (torch.tensor(list(itertools.product((-1.0, 1.0), repeat=config.bits)), dtype=dtype,
+                                   device=device).T.contiguous() if config.bits != TERNARY else None)
+        self.ternary_lsbq = torch.tensor([-1.0, 0.0, 1.0], dtype=dtype, device=device)
+        ones = torch.ones(layout.numel, dtype=torch.float64, device=device)
+        self.row_counts = layout.row_reduce(ones, "sum")  # float64
+        # where each element's row starts in the searched tables (int32), for level sets that are searched
+        self.row_start = layout.row_index().mul_(search_stride(self.m)) if config.scheme != "uniform" else None
+
+    def _row_mean_abs(self, flat: Tensor) -> Tensor:
+        """`mean|w|` of every row: the sum accumulated in float64, divided, rounded once to the dtype."""
+        return (self.layout.row_reduce(flat.abs().double(), "sum") / self.row_counts).to(flat.dtype)
+
+    def levels(self, latent: Tensor) -> FlatLevels:
+        """The levels of every row of the flat `latent` buffer."""
+        if self.config.scheme == "lsbq":
+            return make_levels(self._lsbq_table(latent), None, self.layout)
+        amax = self.layout.row_reduce(latent.abs(), "max")
+        if self.config.bits == TERNARY:
+            q_max, half_range = amax, 1.5
+        else:
+            q_max = torch.minimum(self.config.bits * self._row_mean_abs(latent), amax)
+            half_range = 2 ** (self.config.bits - 1) - 0.5
+        steps = (q_max / half_range).clamp_(min=2 * torch.finfo(latent.dtype).tiny)
+        return make_levels(self.coefficients * steps[:, None], steps, self.layout)
+
+    def _lsbq_table(self, latent: Tensor) -> Tensor:
+        """Greedy LSBQ: b times `v_j = mean|r|` per row, `r -= v_j sign(r)`; levels `sort(+-v_1 ... +-v_b)`."""
+        if self.config.bits == TERNARY:
+            return (1.1 * self._row_mean_abs(latent))[:, None] * self.ternary_lsbq
+        residual = latent.clone()
+        basis = []
+        for _ in range(self.config.bits):
+            v = self._row_mean_abs(residual)
+            residual.sub_(torch.where(residual >= 0, 1.0, -1.0).mul_(self.layout.per_element(v)))
+            basis.append(v)
+        return (torch.stack(basis, dim=1) @ self.signs).sort(dim=1).values
+
+    # -- elementwise, whole-buffer operations ------------------------------------------------------
+    def _search(self, values: Tensor, table: Tensor, outcomes: int) -> Tensor:
+        """For each element, the position in the flat table `(R * S,)` of its row's first entry that is not below
+        it, i.e. the row's start plus how many of its sorted entries are below the value (ties go down), among
+        the first `outcomes - 1` entries: a branchless binary search of log2 steps of four operations."""
+        position = self.row_start.clone()
+        half = _power_of_two_at_least(outcomes) // 2
+        while half >= 1:
+            probe = table.index_select(0, position + (half - 1))
+            position.add_(values > probe, alpha=half)
+            half //= 2
+        return position
+
+    def _nearest_coefficient(self, scaled: Tensor) -> Tensor:
+        """In place: the coefficient `c_k` of the nearest uniform level to `u = w / s`, a tie going down: the
+        half-integer `ceil(u) - 1/2` (even m) or the integer `ceil(u - 1/2)` (odd m), clamped to `[c_0, -c_0]`."""
+        nearest = scaled.ceil_().sub_(0.5) if self.m % 2 == 0 else scaled.sub_(0.5).ceil_()
+        return nearest.clamp_(self.first, -self.first)
+
+    def indices(self, values: Tensor, levels: FlatLevels) -> Tensor:
+        """The index of the nearest level of every element (int32 for searched tables, float for uniform)."""
+        if levels.steps is not None:
+            return self._nearest_coefficient(values / levels.element_steps).sub_(self.first)
+        return self._search(values, levels.bounds, self.m) - self.row_start
+
+    def hard_quantize(self, values: Tensor, levels: FlatLevels, out: Tensor | None = None) -> Tensor:
+        """`Q[nearest(w)]` of every element, bitwise an entry of its row's table (`fl(c_k s)`, one rounding,
+        as the table), into `out` when given."""
+        if levels.steps is not None:  # computed in place in `out`: five elementwise operations, no allocation
+            steps = levels.element_steps
+            return self._nearest_coefficient(torch.div(values, steps, out=out)).mul_(steps)
+        return torch.index_select(levels.padded, 0, self._search(values, levels.bounds, self.m), out=out)
+
+    def interval(self, values: Tensor, levels: FlatLevels) -> tuple[Tensor, Tensor]:
+        """`(q_lo, q_hi)`: the levels around each element (both the end level outside `[q_1, q_m]`); an element
+        exactly on a level lies in the interval above it (the prox maps are continuous there)."""
+        if levels.steps is not None:
+            steps = levels.element_steps
+            j = (values / steps).sub_(self.first).floor_().clamp_(0, self.m - 2).add_(self.first)
+            return j * steps, j.add_(1).mul_(steps)
+        above = self._search(values, levels.padded, self.m + 1)  # w lies in (q[above - 1], q[above]]
+        flat_table = levels.padded
+        low = flat_table.index_select(0, torch.maximum(above - 1, self.row_start))
+        high = flat_table.index_select(0, torch.minimum(above, self.row_start + (self.m - 1)))
+        return low, high
+
+
+# ---------------------------------------------------------------- one tensor at a time
+
+
+def _config_of(levels: Tensor, evenly_spaced: bool, granularity: str = "channel") -> QuantizerConfig:
+    """The configuration that rounds to a table of m levels (its bit width only decides m)."""
+    m = levels.shape[1]
+    bits = TERNARY if m == 3 else m.bit_length() - 1
+    return QuantizerConfig(bits, "uniform" if evenly_spaced else "lsbq", granularity)
+
+
+def _on_rows(rows: Tensor, config: QuantizerConfig) -> tuple[Quantizer, Tensor]:
+    """The shared quantizer over a layout of the one tensor `rows` `(R, C)` (R rows), and its values, flat."""
+    rows = rows.contiguous()
+    return Quantizer(config, FlatLayout([rows], "channel")), rows.view(-1)
+
+
+def estimate_levels(rows: Tensor, config: QuantizerConfig) -> Tensor:
+    """The level table `(R, m)` of `rows` `(R, C)` under `config`."""
+    with torch.no_grad():
+        quantizer, flat = _on_rows(rows, config)
+        return quantizer.levels(flat).table
+
+
+def rows_quantizer(rows: Tensor, levels: Tensor, evenly_spaced: bool) -> tuple[Quantizer, Tensor, FlatLevels]:
+    """The shared quantizer over the one tensor `rows` `(R, C)` with the level table `(R, m)` of each row: the
+    quantizer, the values flat, the levels (closed-form rounding for uniform levels, `evenly_spaced`; searched
+    otherwise). What a per-tensor hook runs, so that it rounds as the flat step does."""
+    quantizer, flat = _on_rows(rows, _config_of(levels, evenly_spaced))
+    return quantizer, flat, levels_of_table(levels, evenly_spaced, quantizer.layout)
+
+
+def hard_quantize(rows: Tensor, levels: Tensor, out: Tensor | None = None, evenly_spaced: bool = False) -> Tensor:
+    """Nearest level of every weight of `rows` `(R, C)` in its row's table `(R, m)` (a tie goes down), written into
+    `out` when given: the closed form for uniform levels (`evenly_spaced`, as a uniform quantizer's hook must
+    say), the search otherwise."""
+    quantizer, flat, flat_levels = rows_quantizer(rows, levels, evenly_spaced)
+    result = quantizer.hard_quantize(flat, flat_levels).view_as(rows)
+    return result if out is None else out.copy_(result)
+
+
+def level_indices(rows: Tensor, levels: Tensor, evenly_spaced: bool = False) -> Tensor:
+    """Integer index of the nearest level of every weight of `rows` `(R, C)`, int64 (a tie goes down)."""
+    quantizer, flat, flat_levels = rows_quantizer(rows, levels, evenly_spaced)
+    return quantizer.indices(flat, flat_levels).long().view_as(rows)
+
+
+# ---------------------------------------------------------------- exactness
 
 
 def distinct_per_row(rows: Tensor) -> Tensor:

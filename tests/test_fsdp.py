@@ -18,8 +18,8 @@ import torch.multiprocessing
 from qatbench.cli import main
 from qatbench.distributed import World
 from qatbench.errors import QatbenchError
-from qatbench.flat import FlatLayout, FlatQuantizer
-from qatbench.quant import QuantizerConfig
+from qatbench.flat import FlatLayout
+from qatbench.quant import Quantizer, QuantizerConfig
 from qatbench.sharding import shard_model, whole_level_tables
 from qatbench.results import load_records
 from tests.conftest import assert_same_experiments, exports, write_corpus
@@ -88,7 +88,7 @@ def _levels_of_shards(rank: int, world: int, port: int, out: Path) -> None:
     results = []
     for config in CONFIGS:
         layout = FlatLayout(shards, config.granularity, split=True)
-        levels = FlatQuantizer(config, layout).levels(flat)
+        levels = Quantizer(config, layout).levels(flat)
         tables = whole_level_tables(layout.table_views(levels.table), rows_span_ranks=config.granularity == "tensor")
         results.append({"tables": tables, "sizes": layout.tensor_sizes, "sums": layout.tensor_reduce(flat)})
     torch.save(results, out / f"{rank}.pt")
@@ -105,7 +105,7 @@ def test_levels_of_shards_reduced_over_ranks_are_the_unsharded_levels(tmp_path):
     for rank in range(2):
         for config, result in zip(CONFIGS, torch.load(tmp_path / f"{rank}.pt", weights_only=True)):
             layout = FlatLayout(weights, config.granularity)
-            expected = layout.table_views(FlatQuantizer(config, layout).levels(flat).table)
+            expected = layout.table_views(Quantizer(config, layout).levels(flat).table)
             for table, whole in zip(result["tables"], expected):
                 if config == QuantizerConfig(2, "lsbq", "tensor"):  # sums of inexact residuals, in another order
                     torch.testing.assert_close(table, whole, rtol=1e-6, atol=0)
@@ -179,7 +179,7 @@ def test_fsdp_ranks_stop_checkpoint_their_shards_and_resume_to_the_same_result(c
     (["--method", "fogzo", "--task", "llama-20m"], "--fsdp: method 'fogzo' cannot train sharded parameters with "
                                                    "channel granularity; methods that can: binaryrelax, fp, parq, rtn, "
                                                    "ste, talr"),
-    (["--method", "fp", "--task", "llama-20m", "--granularity", "tensor"], "method 'fp' cannot train sharded"),
+    (["--method", "nspsa", "--task", "llama-20m", "--granularity", "tensor"], "method 'nspsa' cannot train sharded"),
     (["--method", "ste", "--task", "mnist-mlp"], "--fsdp: task 'mnist-mlp' cannot be sharded; tasks that can: "
                                                  "llama-130m, llama-20m, llama-300m, llama-60m"),
     (["--method", "ste", "--task", "llama-20m", "--compile", "default"], "--fsdp with --compile default is not "

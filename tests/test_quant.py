@@ -4,8 +4,16 @@ import torch
 from qatbench.errors import QatbenchError
 from qatbench.quant import (
     TERNARY, QuantizerConfig, as_rows, bits_label, check_exact, distinct_per_row, estimate_levels, grid,
-    grid_coefficients, hard_quantize, level_indices, lsbq_levels, num_levels, parse_bits, uniform_levels,
+    grid_coefficients, hard_quantize, level_indices, num_levels, parse_bits,
 )
+
+
+def uniform_levels(rows, bits):
+    return estimate_levels(rows, QuantizerConfig(bits))
+
+
+def lsbq_levels(rows, bits):
+    return estimate_levels(rows, QuantizerConfig(bits, "lsbq"))
 
 W = torch.tensor([[1.0, -2.0, 3.0, -4.0]])  # mean|w| = 2.5, max|w| = 4
 
@@ -148,3 +156,38 @@ def test_fast_hard_quantization_is_bitwise_an_entry_of_the_level_table(bits, gra
 def test_a_zero_row_has_a_normal_step_and_distinct_levels():
     levels = estimate_levels(torch.zeros(1, 8), QuantizerConfig(bits=2))
     assert len(levels.unique()) == 4 and torch.equal(grid(levels)[1] / 2 * 2, grid(levels)[1])
+
+
+TIE_LEVELS = torch.tensor([[-1.5, -0.5, 0.5, 1.5]])  # uniform, step 1
+
+
+@pytest.mark.parametrize("evenly_spaced", [True, False], ids=["closed-form", "searched"])
+def test_every_rounding_path_sends_a_tie_to_the_lower_level(evenly_spaced):
+    weights = torch.tensor([[0.0, 1.0, -1.0, 0.2, -7.0]])  # three midpoints, then a plain weight and one below
+    assert hard_quantize(weights, TIE_LEVELS, evenly_spaced=evenly_spaced).tolist() == [[-0.5, 0.5, -1.5, 0.5, -1.5]]
+    assert level_indices(weights, TIE_LEVELS, evenly_spaced=evenly_spaced).tolist() == [[1, 2, 0, 2, 0]]
+
+
+@pytest.mark.parametrize("bits, scheme", [(1, "uniform"), (2, "uniform"), (3, "uniform"), (TERNARY, "uniform"),
+                                          (2, "lsbq"), (3, "lsbq"), (TERNARY, "lsbq")])
+def test_ties_go_down_on_every_path_the_runs_take(bits, scheme):
+    """Weights exactly on the midpoints of their row's levels: the shared quantizer over a layout (what every
+    method's flat step, the transition monitor, fp and rtn use) and the per-tensor hook pick the lower level."""
+    from qatbench.flat import FlatLayout
+    from qatbench.quant import Quantizer, levels_of_table
+
+    config = QuantizerConfig(bits, scheme, "channel")
+    rows = torch.randn(3, 64, generator=torch.Generator().manual_seed(bits)) * torch.tensor([[1.0], [0.25], [4.0]])
+    levels = estimate_levels(rows, config)
+    midpoints = (levels[:, 1:] + levels[:, :-1]) / 2
+    if scheme == "uniform":  # the closed form's ties: u = w / s exactly halfway between two coefficients
+        first, step = grid(levels)
+        midpoints = (grid_coefficients(levels.shape[1], levels.dtype)[:-1] + 0.5) * step
+    ties = midpoints.repeat(1, 2)
+    expected = levels[:, :-1].repeat(1, 2)
+    quantizer = Quantizer(config, FlatLayout([ties], "channel"))
+    flat_levels = levels_of_table(levels, config.evenly_spaced, quantizer.layout)
+    assert torch.equal(quantizer.hard_quantize(ties.reshape(-1), flat_levels).view_as(ties), expected)
+    assert torch.equal(quantizer.indices(ties.reshape(-1), flat_levels).long().view_as(ties),
+                       torch.arange(levels.shape[1] - 1).repeat(3, 2))
+    assert torch.equal(hard_quantize(ties, levels, evenly_spaced=config.evenly_spaced), expected)
