@@ -29,7 +29,8 @@ import torch
 from . import checkpoint
 from .diagnostics import TransitionMonitor
 from .errors import QatbenchError
-from .harness import Position, Training, _sync, build_training, checkpoint_payload, rank_state, train_step
+from .loop import Position, checkpoint_payload, rank_state
+from .step import Training, build_training, sync, train_step
 from .opcount import StepOps, base_step_ops, count_step, refresh_ops, use_foreach
 from .quant import as_rows, estimate_levels
 from .registry import METHODS
@@ -96,7 +97,7 @@ def _refresh_ms(contender: _Contender, repeats: int = 20) -> float | None:
         start = time.perf_counter()
         for r in rows:
             estimate_levels(r, quantizer)
-        _sync(contender.run.device)
+        sync(contender.run.device)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
@@ -149,7 +150,7 @@ def _peak_allocated_mb(run: ResolvedRun, train: Iterable, steps_per_epoch: int, 
     contender = _build(run, steps_per_epoch)
     for batch in itertools.islice(_batches(train), steps):
         _step(contender, batch)
-    _sync(run.device)
+    sync(run.device)
     peak = torch.cuda.max_memory_allocated(run.device) / 2**20
     del contender
     return peak
@@ -182,13 +183,13 @@ def bench(specs: list[RunSpec], steps: int = 50, warmup: int = 10, rounds: int =
     for contender in contenders:  # warm-up: allocator, caches, first QAT step (latent copies)
         for batch in itertools.islice(stream, warmup):
             _step(contender, batch)
-    _sync(first.device)
+    sync(first.device)
     for _ in range(rounds):
         for contender in contenders:
             for batch in itertools.islice(stream, steps):
                 start = time.perf_counter()
                 _step(contender, batch)
-                _sync(first.device)
+                sync(first.device)
                 contender.times.append(time.perf_counter() - start)
 
     fp = next(c for c in contenders if not c.run.method_cls.quantizes)
@@ -223,7 +224,7 @@ def _forward_ms(contender: _Contender, stream: Iterator, repeats: int = 20) -> f
         for inputs, targets in itertools.islice(stream, repeats):
             start = time.perf_counter()
             contender.training.compute_loss(inputs, targets)
-            _sync(contender.run.device)
+            sync(contender.run.device)
             times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 

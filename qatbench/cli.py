@@ -49,11 +49,19 @@ def _build_parser(spec_cls: type = RunSpec) -> argparse.ArgumentParser:
     plugins = _Parser(add_help=False)
     plugins.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
                          help="load a method or task plugin file (repeatable)")
-    parser = _Parser(prog="qatbench", description="Benchmark quantization-aware training methods.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
     run_options = _Parser(add_help=False)
     add_flags(run_options, spec_cls)
+    parser = _Parser(prog="qatbench", description="Benchmark quantization-aware training methods.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_training_commands(sub, plugins, run_options)
+    _add_bench(sub, plugins, run_options)
+    _add_model_commands(sub, plugins)
+    _add_record_commands(sub, plugins, run_options)
+    return parser
+
+
+def _add_training_commands(sub: Any, plugins: argparse.ArgumentParser, run_options: argparse.ArgumentParser) -> None:
+    """`run` and `sweep`: they train, so they take the run options and how to execute the runs."""
     execution = _Parser(add_help=False)
     add_flags(execution, Settings)
     execution.add_argument("--shard", default=None, metavar="I/N",
@@ -61,7 +69,6 @@ def _build_parser(spec_cls: type = RunSpec) -> argparse.ArgumentParser:
     execution.add_argument("--nproc", type=int, default=1, metavar="N",
                            help="train each run on N processes (DDP): starts torchrun --nproc-per-node N on this "
                                 "command (on CUDA, one GPU each)")
-
     run = sub.add_parser("run", parents=[plugins, run_options, execution],
                          help="train and record runs (every combination of the lists)")
     run.add_argument("--method", nargs="+", required=True, help="method name(s), see `qatbench list methods`")
@@ -86,6 +93,8 @@ def _build_parser(spec_cls: type = RunSpec) -> argparse.ArgumentParser:
     sweep.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="slurm: any other submitit SLURM parameter, e.g. account=ABC, qos=high (repeatable)")
 
+
+def _add_bench(sub: Any, plugins: argparse.ArgumentParser, run_options: argparse.ArgumentParser) -> None:
     bench = sub.add_parser("bench", parents=[plugins, run_options], help="time each method's step against the FP step")
     add_flags(bench, Settings, only=("data_root", "download"))
     bench.add_argument("--task", required=True, help="task name")
@@ -97,15 +106,20 @@ def _build_parser(spec_cls: type = RunSpec) -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("bench"),
                        help="folder of bench records, kept apart from run records (default: bench/)")
 
+
+def _add_model_commands(sub: Any, plugins: argparse.ArgumentParser) -> None:
+    """`eval` and `export`: what a run produced."""
     evaluate = sub.add_parser("eval", parents=[plugins], help="rebuild exported models and evaluate them")
     evaluate.add_argument("exports", nargs="+", type=Path, help="<record>.safetensors files written by runs")
     evaluate.add_argument("--data-root", type=Path, default=None, help="where the data set lies (searched first)")
     evaluate.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     evaluate.add_argument("--download", action="store_true", help="let torchvision download a missing data set")
-
     export = sub.add_parser("export", parents=[plugins], help="export runs from their final checkpoints")
     export.add_argument("records", nargs="+", type=Path, help="run records whose final checkpoint was kept")
 
+
+def _add_record_commands(sub: Any, plugins: argparse.ArgumentParser, run_options: argparse.ArgumentParser) -> None:
+    """`status`, `list`, `leaderboard` and `compare`: what is there, and what the records say."""
     status_parser = sub.add_parser("status", parents=[plugins, run_options],
                                    help="where every run of a results folder stands")
     status_parser.add_argument("runs", type=Path, help="the results folder (--out of qatbench run/sweep)")
@@ -134,7 +148,6 @@ def _build_parser(spec_cls: type = RunSpec) -> argparse.ArgumentParser:
     comparison.add_argument("old", type=Path, help="records before (a file or folder)")
     comparison.add_argument("new", type=Path, help="records after (a file or folder)")
     comparison.add_argument("--format", default="md", help="md | csv | json (default: md)")
-    return parser
 
 
 def _add_gpus_per_run(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,9 @@ from . import checkpoint
 from .errors import QatbenchError
 from .export import check_fits, load_export
 from .fingerprint import Fingerprint, fingerprint
-from .harness import RunFiles, build_training, exactness_report, level_tables, write_export
+from .finish import exactness_report, level_tables, write_export
+from .harness import RunFiles
+from .step import build_training
 from .results import read_record, write_record
 from .spec import resolve_device, resolve_identity, resolve_task
 

@@ -116,13 +116,13 @@ def test_a_slurm_job_preempted_by_usr2_checkpoints_then_hands_over_to_submitits_
         idx_root, isolated_data_env, tmp_path, monkeypatch):
     import signal
 
-    import qatbench.harness as harness
+    import qatbench.loop as loop
     from qatbench.executors import RunJob, Settings
     from qatbench.signals import Stopped
     from qatbench.spec import RunSpec
 
     pytest.importorskip("submitit")
-    real_step, calls = harness.train_step, []
+    real_step, calls = loop.train_step, []
 
     def preempted_at_step_three(*args, **kwargs):
         calls.append(1)
@@ -130,7 +130,7 @@ def test_a_slurm_job_preempted_by_usr2_checkpoints_then_hands_over_to_submitits_
             os.kill(os.getpid(), signal.SIGUSR2)  # what SLURM sends before a preemption or the time limit
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(harness, "train_step", preempted_at_step_three)
+    monkeypatch.setattr(loop, "train_step", preempted_at_step_three)
     requeued = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))  # stands for submitit's
     try:

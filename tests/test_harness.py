@@ -7,7 +7,8 @@ import torch
 
 from qatbench.errors import QatbenchError
 from qatbench.cli import main
-from qatbench.harness import execute, micro_batches, run_all
+from qatbench.harness import execute, run_all
+from qatbench.step import micro_batches
 from qatbench.spec import RunSpec, resolve
 from qatbench.registry import METHODS
 from qatbench.results import read_record
@@ -134,7 +135,7 @@ def test_speed_options_train_to_an_exactly_quantized_model(options, idx_root, is
 def test_probes_replay_the_steps_dropout_and_leave_batchnorm_statistics_alone():
     import copy
 
-    from qatbench.harness import Training, train_step
+    from qatbench.step import Training, train_step
     from qatbench.method import Method
 
     torch.manual_seed(0)
@@ -232,14 +233,14 @@ def test_a_loader_that_keeps_up_is_not_warned_about(idx_root, isolated_data_env)
 
 
 def test_the_memory_peak_starts_once_the_data_is_resident(idx_root, isolated_data_env, monkeypatch):
-    import qatbench.harness as harness
+    import qatbench.loop as loop
 
     run, events = _run(), []
     load_data = run.task.load_data
-    start, build_training = harness.PeakMemory.start, harness.build_training
+    start, build_training = loop.PeakMemory.start, loop.build_training
     monkeypatch.setattr(run.task, "load_data", lambda *a, **k: (events.append("data"), load_data(*a, **k))[1])
-    monkeypatch.setattr(harness.PeakMemory, "start", lambda self: (events.append("peak reset"), start(self))[1])
-    monkeypatch.setattr(harness, "build_training",
+    monkeypatch.setattr(loop.PeakMemory, "start", lambda self: (events.append("peak reset"), start(self))[1])
+    monkeypatch.setattr(loop, "build_training",
                         lambda *a, **k: (events.append("model"), build_training(*a, **k))[1])
     assert execute(run, data_root=idx_root, download=False).status == "ok"
     assert events == ["data", "peak reset", "model"]

@@ -1,10 +1,21 @@
-"""The core's layers: no import cycles, and the harness used only by the front ends (commands)."""
+"""The core's layers: each module imports only from its own layer or those below it, with no cycles, and the
+harness is used only by the front ends (commands). The README's Layout section shows the same table."""
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).parent.parent / "qatbench"
 FRONT_ENDS = {"cli", "bench", "deploy", "executors", "__main__"}
+LAYERS = [  # bottom to top
+    ("foundations", {"__init__", "errors", "params", "options", "atomic", "registry", "distributed", "signals", "stats",
+                     "schedules", "opcount"}),
+    ("data", {"data", "fingerprint", "text", "batches"}),
+    ("quantizer and contracts", {"flat", "quant", "sharding", "method", "task", "diagnostics"}),
+    ("records and reports", {"results", "checkpoint", "export", "locks", "progress", "system", "plots", "leaderboard",
+                             "compare", "status"}),
+    ("one run", {"spec", "step", "clock", "finish", "loop", "harness"}),
+    ("front ends", {"sweep", "pool", "executors", "bench", "deploy", "cli", "__main__"}),
+]
 
 
 def _imports() -> dict[str, set[str]]:
@@ -39,3 +50,11 @@ def test_no_module_of_the_core_imports_itself_back():
 def test_only_front_ends_import_the_harness():
     users = {module for module, imported in _imports().items() if "harness" in imported}
     assert users <= FRONT_ENDS, users - FRONT_ENDS
+
+
+def test_every_module_imports_only_its_layer_or_those_below():
+    layer = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}
+    graph = _imports()
+    assert set(graph) == set(layer), "place every module in a layer: " + ", ".join(sorted(set(graph) ^ set(layer)))
+    upward = [(m, n) for m, imported in graph.items() for n in imported if layer[n] > layer[m]]
+    assert upward == []

@@ -81,7 +81,7 @@ def test_tf32_is_in_the_identity_as_it_acts_off_on_the_cpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 and cudnn.benchmark act on CUDA only")
 def test_tf32_on_cuda_changes_the_identity_and_the_process_settings():
-    from qatbench.harness import prepare_device
+    from qatbench.step import prepare_device
 
     fast, exact = _run(device="cuda"), _run(device="cuda", tf32=False)
     assert fast.base_identity["tf32"] is True and exact.base_identity != fast.base_identity

@@ -7,11 +7,11 @@ import os
 import time
 from pathlib import Path
 
-import qatbench.harness as harness
+import qatbench.loop as loop
 
 _stall_step = int(os.environ["QATBENCH_TEST_STALL_STEP"])
 _marker = Path(os.environ["QATBENCH_TEST_STALL_FILE"])
-_train_step = harness.train_step
+_train_step = loop.train_step
 _steps = 0
 
 
@@ -27,4 +27,4 @@ def _stalling_train_step(*args, **kwargs):
     return _train_step(*args, **kwargs)
 
 
-harness.train_step = _stalling_train_step
+loop.train_step = _stalling_train_step
