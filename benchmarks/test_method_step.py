@@ -21,7 +21,7 @@ from qatbench.registry import METHODS
 SHAPES = ([(16, 3, 3, 3)] + [(16, 16, 3, 3)] * 6 + [(32, 16, 3, 3)] + [(32, 32, 3, 3)] * 5
           + [(64, 32, 3, 3)] + [(64, 64, 3, 3)] * 5 + [(10, 64)])
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-METHOD_NAMES = ["fp", "rtn", "ste", "binaryrelax", "parq", "talr", "fogzo", "nspsa"]
+METHOD_NAMES = METHODS.names()
 
 
 def _sync(device: str) -> None:

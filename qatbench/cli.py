@@ -131,6 +131,11 @@ def _add_record_commands(sub: Any, plugins: argparse.ArgumentParser, run_options
     _add_gpus_per_run(status_parser)
     status_parser.add_argument("--format", default="text", help="text | csv | json (default: text)")
 
+    sample = sub.add_parser("sample", parents=[plugins],
+                            help="write a small data set in a task's real format, to try the task without its data")
+    sample.add_argument("--task", required=True, help="task name")
+    sample.add_argument("--out", type=Path, required=True, help="the folder to write it into")
+
     lst = sub.add_parser("list", parents=[plugins], help="list methods and tasks with their options")
     lst.add_argument("what", nargs="?", default="all", help="methods | tasks | all")
 
@@ -358,6 +363,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    task = TASKS.get(args.task)
+    if args.out.exists() and any(args.out.iterdir()):
+        raise QatbenchError(f"--out {str(args.out)!r} is not empty; give a new folder")
+    root = task.write_sample(args.out)
+    options = " ".join(f"--task-arg {k}={v}" for k, v in task.sample_options.items())
+    print(f"wrote a small {args.task} data set in its real format to {root}; try:\n"
+          f"qatbench run --method ste --task {args.task} --bits 2 --recipe smoke --data-root {shlex.quote(str(root))}"
+          + (f" {options}" if options else ""))
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     if args.what not in ("methods", "tasks", "all"):
         from .errors import valid_choices
@@ -444,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(_sweep_specs(args, args.file), args, argv)
         if args.command == "list":
             return _cmd_list(args)
+        if args.command == "sample":
+            return _cmd_sample(args)
         if args.command == "status":
             return _cmd_status(args)
         if args.command == "eval":

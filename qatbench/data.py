@@ -133,6 +133,24 @@ def read_idx(path: Path) -> Tensor:
     return tensor.reshape(shape)
 
 
+_IDX_CODES = {dtype: code for code, dtype in _IDX_DTYPES.items()}
+
+
+def write_idx(path: Path, tensor: Tensor, compress: bool) -> Path:
+    """Write `tensor` as an IDX file (the inverse of `read_idx`: big-endian header and data), gzipped (`path.gz`)
+    if `compress`; the path written."""
+    header = bytes([0, 0, _IDX_CODES[tensor.dtype], tensor.dim()]) + struct.pack(f">{tensor.dim()}I", *tensor.shape)
+    data = tensor.contiguous()
+    if data.element_size() > 1:
+        data = data.view(torch.uint8).view(-1, data.element_size()).flip(1)
+    payload = header + bytes(data.numpy().tobytes())
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        payload = gzip.compress(payload)
+    path.write_bytes(payload)
+    return path
+
+
 def check_labels(path: Path, labels: Tensor, num_examples: int, num_classes: int) -> None:
     """Labels must be one per example and lie in `[0, num_classes)`; else a one-line error naming the file."""
     if labels.dim() != 1 or len(labels) != num_examples:

@@ -88,6 +88,7 @@ class ExportSummary:
     fp32_bytes: int  # the same model with every floating-point tensor in fp32
     file_bytes: int
     ratio: float  # packed / fp32
+    packed: bool = True  # False: a quantizing method gave no level tables, so its weights are stored dense
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

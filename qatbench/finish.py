@@ -8,6 +8,7 @@ level tables (`qatbench.export`), unless the check failed.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,10 @@ def write_export(run: ResolvedRun, weights: dict[str, torch.Tensor], tables: dic
     metadata = {"run_id": run.run_id, "identity": run.identity, "metric_name": record.metric_name,
                 "metric": record.metric}
     try:
-        return export_model(path, weights, tables, run.quantizer if tables else None, metadata).to_dict()
+        summary = export_model(path, weights, tables, run.quantizer if tables else None, metadata)
     except QatbenchError as err:
         return {"error": str(err)}
+    if run.method_cls.quantizes and not tables:  # evaluable, but not the packed size of a quantized model
+        return {**dataclasses.asdict(summary), "packed": False,
+                "note": f"method {run.method_cls.name!r} gives no level_tables(): its weights are stored dense"}
+    return summary.to_dict()

@@ -84,7 +84,7 @@ def _record_row(r: RunRecord) -> dict[str, Any]:
         "train_s": (r.timing or {}).get("train_s"), "state_mb": _mb((memory.get("state_bytes") or {}).get("total")),
         "peak_mb": memory.get("peak_allocated_mb") if device_type == "cuda" else memory.get(
             "step_rss_increase_mb", memory.get("peak_rss_increase_mb")),
-        "peak_reserved_mb": memory.get("peak_reserved_mb"), "packed_mb": _mb(export.get("packed_bytes")),
+        "peak_reserved_mb": memory.get("peak_reserved_mb"), "packed_mb": _mb(export.get("packed_bytes")) if export.get("packed", True) else None,
         "fp32_mb": _mb(export.get("fp32_bytes")), "exact": (r.exactness or {}).get("passed"),
         "transition_rate": r.history[-1].get("transition_rate") if r.history else None,
         "transition_series": [h.get("transition_rate") for h in r.history],

@@ -41,6 +41,7 @@ from .signals import StopRequest, Stopped
 from .spec import ResolvedRun
 from .step import Training, build_training, seed_everything, train_step
 from .system import PeakMemory, training_state_bytes
+from .task import check_batches
 
 Log = Callable[[str], None]
 DATA_WAIT_WARNING = 0.1  # share of an epoch's training time spent waiting on the loader that is warned about
@@ -117,6 +118,7 @@ class RunTraining:
         self.generators = {"data": torch.Generator(run.device).manual_seed(run.spec.seed),
                            "method": torch.Generator(run.device).manual_seed(run.spec.seed + 1)}
         self.data = run.task.load_data(run.data, run.device, run.recipe.batch_size, self.generators["data"])
+        check_batches(run.task.name, self.data)
         record.num_train, record.num_test = self.data.num_train, self.data.num_test
         self._shard_data()
         self.memory = PeakMemory(run.device)

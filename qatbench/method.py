@@ -11,6 +11,7 @@ leave every quantized tensor exactly on its levels.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -18,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .errors import QatbenchError
 from .flat import FlatLayout, alias
 from .params import NoConfig, param
 from .quant import FlatLevels, Quantizer, QuantizerConfig, hard_quantize, make_levels
@@ -38,6 +40,22 @@ class Method(ABC):
     # every statistic over a row or a tensor that spans the ranks is reduced across them (`FlatLayout.row_reduce`,
     # `tensor_reduce`), as a per-tensor `prox(latent, ...)` sees only this rank's part of the row; empty: never
     sharded_granularities: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def check_plugin(cls) -> None:
+        """What `METHODS.register` checks of a method class: a Method with `step` implemented, a dataclass of
+        hyper-parameters, and granularities it may shard that exist."""
+        problems = []
+        if not isinstance(cls, type) or not issubclass(cls, Method):
+            raise QatbenchError(f"{cls!r} is not a qatbench.method.Method")
+        if inspect.isabstract(cls):
+            problems.append(f"implement {', '.join(sorted(cls.__abstractmethods__))}")
+        if not dataclasses.is_dataclass(cls.Config):
+            problems.append("its Config must be a dataclass (qatbench.params.param fields)")
+        if not set(cls.sharded_granularities) <= EVERY_GRANULARITY:
+            problems.append(f"sharded_granularities must be among {sorted(EVERY_GRANULARITY)}")
+        if problems:
+            raise QatbenchError(f"method class {cls.__qualname__}: " + "; ".join(problems))
 
     def __init__(
         self,

@@ -48,6 +48,9 @@ class Registry(Generic[T]):
         check_name(self.kind, name)
 
         def decorate(cls: T) -> T:
+            check = getattr(cls, "check_plugin", None)
+            if callable(check):  # what the kind's contract says of a class (Task.check_plugin, Method.check_plugin)
+                check()
             known = self._entries.get(name)
             if known is not None and known is not cls:
                 raise QatbenchError(

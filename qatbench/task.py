@@ -3,17 +3,25 @@
 A task owns the model factory, the data, the loss, the metric, which parameters
 are quantized, and its training recipes (`smoke` for tests, `short`, and `paper`
 for the published budget). It never knows a method.
+
+What the harness calls on a task's data is the `Batches` protocol (the training batches: iterate
+one epoch, its length, where it stands and continue there, this rank's part of every batch;
+the test batches: iterate, this rank's part); `check_batches` holds the data a task loads to it,
+and `TASKS.register` checks the class itself (`Task.check_plugin`). `write_sample` writes a small
+data set in the task's real on-disk format (`qatbench sample`), which the conformance tests
+(`tests/tasks/test_conformance.py`) train every registered task on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import inspect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 import yaml
@@ -21,6 +29,7 @@ from torch import Tensor, nn
 
 from .data import DataSource
 from .distributed import reduce_tensor_
+from .errors import QatbenchError
 from .params import NoConfig
 
 
@@ -88,14 +97,62 @@ class Recipe:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step, steps_per_epoch))
 
 
+@runtime_checkable
+class Batches(Protocol):
+    """A task's training batches, as the harness uses them (`qatbench.batches` has implementations: device-resident
+    tensors, a DataLoader over a seeded sampler). Optional: `set_epoch(e)`, called before each epoch, and
+    `waited_s`, the seconds spent waiting for loader workers."""
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """One epoch of (inputs, targets), continuing the epoch after `load_state_dict`."""
+
+    def __len__(self) -> int:
+        """Batches in an epoch."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the current epoch stands (tensors and plain values only: it goes into checkpoints)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue that epoch at the next `iter()`."""
+
+    def shard(self, rank: int, world: int) -> None:
+        """Yield rank `rank`'s part of each global batch from now on."""
+
+
+@runtime_checkable
+class TestBatches(Protocol):
+    """A task's evaluation batches: the whole test split each `iter()`, this rank's part after `shard`."""
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+    def shard(self, rank: int, world: int) -> None: ...
+
+
+BATCHES_NEED = ("__iter__", "__len__", "state_dict", "load_state_dict", "shard")  # what `Batches` declares
+TEST_BATCHES_NEED = ("__iter__", "shard")
+
+
 @dataclasses.dataclass
 class TaskData:
     """Training batches, evaluation batches and the split sizes (recorded with every run)."""
 
-    train: Iterable[tuple[Tensor, Tensor]]
-    test: Iterable[tuple[Tensor, Tensor]]
+    train: Batches
+    test: TestBatches
     num_train: int
     num_test: int
+
+
+def check_batches(task: str, data: Any) -> None:
+    """The data a task loaded follows the contract, or a one-line error saying what is missing and what to use."""
+    if not isinstance(data, TaskData):
+        raise QatbenchError(f"task {task!r}: load_data returned {type(data).__name__}, not a TaskData")
+    for split, needed in (("train", BATCHES_NEED), ("test", TEST_BATCHES_NEED)):
+        batches = getattr(data, split)
+        missing = [name for name in needed if not callable(getattr(batches, name, None))]
+        if missing:
+            raise QatbenchError(f"task {task!r}: its {split} batches ({type(batches).__name__}) lack "
+                                f"{', '.join(sorted(missing))}; wrap them in qatbench.batches.TensorBatches (data on "
+                                "the device) or DeviceLoader (a DataLoader over an EpochBatchSampler)")
 
 
 def published(task: str) -> dict[str, Any]:
@@ -136,6 +193,33 @@ class Task(ABC):
     @abstractmethod
     def is_quantized(self, name: str, parameter: nn.Parameter) -> bool:
         """Whether the parameter `name` is trained with QAT."""
+
+    sample_options: ClassVar[dict[str, Any]] = {}
+    """Task options that make the model small enough to train on `write_sample`'s data in seconds."""
+
+    @classmethod
+    def write_sample(cls, folder: Path) -> Path:
+        """Write a small data set in this task's real on-disk format into `folder` (for tests, and to try the task
+        without its data: `qatbench sample`); the path to pass as `--data-root`."""
+        raise QatbenchError(f"task {cls.name!r} has no sample data set")
+
+    @classmethod
+    def check_plugin(cls) -> None:
+        """What `TASKS.register` checks of a task class: it is a Task with every factory implemented, a smoke
+        recipe, valid defaults and a dataclass of options."""
+        problems = []
+        if not isinstance(cls, type) or not issubclass(cls, Task):
+            raise QatbenchError(f"{cls!r} is not a qatbench.task.Task")
+        if inspect.isabstract(cls):
+            problems.append(f"implement {', '.join(sorted(cls.__abstractmethods__))}")
+        if "smoke" not in cls.recipes:
+            problems.append("give it a 'smoke' recipe (seconds, for tests)")
+        if cls.default_scheme not in ("uniform", "lsbq") or cls.default_granularity not in ("channel", "tensor"):
+            problems.append("default_scheme must be uniform|lsbq and default_granularity channel|tensor")
+        if not dataclasses.is_dataclass(cls.Config):
+            problems.append("its Config must be a dataclass")
+        if problems:
+            raise QatbenchError(f"task class {cls.__qualname__}: " + "; ".join(problems))
 
     def shard_units(self, model: nn.Module) -> list[nn.Module] | None:
         """The modules that FSDP2 shards one by one under `--fsdp` (their parameters all-gathered together for

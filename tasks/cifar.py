@@ -201,6 +201,18 @@ class CifarTask(Task):
                         milestones=(80, 120, 150)),
     }
 
+    @classmethod
+    def write_sample(cls, folder: Path, per_batch: int = 20, test_size: int = 40, seed: int = 0) -> Path:
+        """CIFAR-10's python layout (`cifar-10-batches-py/data_batch_1..5`, `test_batch`) holding a learnable toy
+        problem: each class brightens one colour channel of random pixels."""
+        n = 5 * per_batch + test_size
+        generator = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, NUM_CLASSES, (n,), generator=generator)
+        images = torch.randint(0, 256, (n, 3, 32, 32), generator=generator, dtype=torch.uint8)
+        for i, label in enumerate(labels.tolist()):
+            images[i, label % 3] = images[i, label % 3] // 4 + 190
+        return write_cifar_batches(folder, images, labels, test_size)
+
     def build_model(self) -> nn.Module:
         return CifarResNet(self.depth)
 

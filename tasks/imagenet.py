@@ -96,8 +96,26 @@ def folder_loaders(task: Task, train, val, device: torch.device, batch_size: int
 class ImageFolderTask(Task):
     """A task on ImageFolder data (`train/<class>/*`, `val/<class>/*`)."""
 
+    sample_options = {"num_classes": 3, "image_size": 32, "workers": 0}
+
     def locate_data(self, data_root, download) -> DataSource:
         return locate_image_folders(data_root)
+
+    @classmethod
+    def write_sample(cls, folder: Path, classes: int = 3, per_class_train: int = 4, per_class_val: int = 2,
+                     size: int = 40, seed: int = 0) -> Path:
+        """An ImageNet-style tree of JPEG files of random pixels: `folder/train/<wnid>/*.JPEG`, `folder/val/...`."""
+        from PIL import Image
+
+        generator = torch.Generator().manual_seed(seed)
+        for split, count in (("train", per_class_train), ("val", per_class_val)):
+            for c in range(classes):
+                class_folder = folder / split / f"n{c:08d}"
+                class_folder.mkdir(parents=True, exist_ok=True)
+                for i in range(count):
+                    pixels = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8)
+                    Image.fromarray(pixels.numpy()).save(class_folder / f"img_{i}.JPEG", format="JPEG")
+        return folder
 
 
 class ImageNetResNet(ImageFolderTask):

@@ -51,6 +51,10 @@ class LlamaTaskConfig:
                                 gt=0, lt=1)
     quantize_embeddings: bool = param(False, "also quantize the input embedding")
     quantize_head: bool = param(False, "also quantize the output head")
+    hidden: int = param(0, "width of the model (0: the size's own)", ge=0)
+    layers: int = param(0, "decoder layers (0: the size's own)", ge=0)
+    heads: int = param(0, "attention heads (0: the size's own; they must divide the width)", ge=0)
+    intermediate: int = param(0, "width of the MLP (0: the size's own)", ge=0)
 
 
 class TokenWindows:
@@ -170,9 +174,38 @@ class LlamaTask(Task):
             self._tokenizer = load_tokenizer(self.config.tokenizer)
         return self._tokenizer
 
+    sample_options = {"seq_len": 32, "steps_per_epoch": 3, "val_fraction": 0.05, "hidden": 64, "layers": 2,
+                      "heads": 2, "intermediate": 128}
+
+    @classmethod
+    def write_sample(cls, folder: Path, sentences: int = 1500, seed: int = 0) -> Path:
+        """A generated English-like corpus, `folder/corpus.txt`: a small grammar, so that a model can lower its
+        perplexity; the corpus file is what `--data-root` takes."""
+        generator = torch.Generator().manual_seed(seed)
+        subjects, verbs = ["the cat", "a dog", "my friend", "the old man"], ["sees", "likes", "finds"]
+        objects = ["the ball", "a red house", "the river", "some bread"]
+
+        def pick(words: list[str]) -> str:
+            return words[torch.randint(len(words), (1,), generator=generator).item()]
+
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "corpus.txt"
+        path.write_text("\n".join(f"{pick(subjects)} {pick(verbs)} {pick(objects)}." for _ in range(sentences)))
+        return path
+
+    @property
+    def model_size(self) -> LlamaSize:
+        """The size, with the task options' overrides (hidden, layers, heads, intermediate) where given."""
+        config, size = self.config, self.size
+        size = LlamaSize(config.hidden or size.hidden, config.layers or size.layers, config.heads or size.heads,
+                         config.intermediate or size.intermediate)
+        if size.hidden % size.heads:
+            raise QatbenchError(f"task {self.name!r}: {size.heads} heads do not divide the width {size.hidden}")
+        return size
+
     def build_model(self) -> nn.Module:
         transformers = _transformers()
-        size = self.size
+        size = self.model_size
         config = transformers.LlamaConfig(
             vocab_size=self.tokenizer.vocab_size, hidden_size=size.hidden, intermediate_size=size.intermediate,
             num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.heads,

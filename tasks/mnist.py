@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from qatbench.data import DataSource, check_labels, existing_file, locate, read_idx
+from qatbench.data import DataSource, check_labels, existing_file, locate, read_idx, write_idx
 from qatbench.errors import QatbenchError
 from qatbench.params import param
 from qatbench.registry import TASKS
@@ -54,6 +54,21 @@ class MLPTask(Task):
         "short": Recipe(epochs=5, batch_size=128, lr=0.02),
         "paper": Recipe(epochs=20, batch_size=128, lr=0.02),
     }
+
+    @classmethod
+    def write_sample(cls, folder: Path, num_train: int = 512, num_test: int = 256, seed: int = 0) -> Path:
+        """A learnable 10-class data set in the four IDX files (training files gzipped, as Debian ships them, test
+        files plain): each class lights its own band of rows of random grey noise."""
+        folder.mkdir(parents=True, exist_ok=True)
+        generator = torch.Generator().manual_seed(seed)
+        for split, n, compress in (("train", num_train, True), ("t10k", num_test, False)):
+            labels = torch.randint(0, NUM_CLASSES, (n,), generator=generator)
+            images = torch.randint(0, 60, (n, 28, 28), generator=generator)
+            for i, label in enumerate(labels.tolist()):
+                images[i, 2 * label + 4: 2 * label + 6, 4:24] += 180
+            write_idx(folder / f"{split}-images-idx3-ubyte", images.to(torch.uint8), compress)
+            write_idx(folder / f"{split}-labels-idx1-ubyte", labels.to(torch.uint8), compress)
+        return folder
 
     def build_model(self) -> nn.Module:
         return nn.Sequential(nn.Flatten(), nn.Linear(784, self.config.hidden), nn.ReLU(), nn.Linear(self.config.hidden, NUM_CLASSES))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 from pathlib import Path
 
 import pytest
@@ -17,39 +15,11 @@ REAL_DATA = pytest.mark.realdata(pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR
                                                     reason="Debian's dataset-fashion-mnist is not installed"))
 """End-to-end runs on the real Fashion-MNIST: few, and marked (`pytest -m "not realdata"` leaves them out)."""
 
-_IDX_CODES = {torch.uint8: 0x08, torch.int32: 0x0C, torch.float32: 0x0D}
-
-
-def write_idx(path: Path, tensor: torch.Tensor, compress: bool) -> Path:
-    """Write `tensor` as an IDX file (big-endian header and data), gzipped if `compress`."""
-    header = bytes([0, 0, _IDX_CODES[tensor.dtype], tensor.dim()]) + struct.pack(f">{tensor.dim()}I", *tensor.shape)
-    data = tensor.contiguous()
-    if data.element_size() > 1:
-        data = data.view(torch.uint8).view(-1, data.element_size()).flip(1)
-    payload = header + bytes(data.numpy().tobytes())
-    if compress:
-        path = path.with_name(path.name + ".gz")
-        path.write_bytes(gzip.compress(payload))
-    else:
-        path.write_bytes(payload)
-    return path
-
-
 def make_idx_dataset(folder: Path, num_train: int = 512, num_test: int = 256, seed: int = 0) -> Path:
-    """A learnable 10-class MNIST-format data set: each class lights its own band of rows.
+    """A learnable 10-class MNIST-format data set (the task's own sample writer)."""
+    from qatbench.tasks.mnist import MLPTask
 
-    The training files are gzipped (as Debian ships them), the test files plain.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    for split, n, compress in (("train", num_train, True), ("t10k", num_test, False)):
-        labels = torch.randint(0, 10, (n,), generator=generator)
-        images = torch.randint(0, 60, (n, 28, 28), generator=generator)
-        for i, label in enumerate(labels.tolist()):
-            images[i, 2 * label + 4 : 2 * label + 6, 4:24] += 180
-        write_idx(folder / f"{split}-images-idx3-ubyte", images.to(torch.uint8), compress)
-        write_idx(folder / f"{split}-labels-idx1-ubyte", labels.to(torch.uint8), compress)
-    return folder
+    return MLPTask.write_sample(folder, num_train, num_test, seed)
 
 
 @pytest.fixture(autouse=True)
@@ -72,45 +42,27 @@ def isolated_data_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def make_cifar_batches(folder: Path, per_batch: int = 20, test_size: int = 40, seed: int = 0) -> Path:
-    """CIFAR-10's python layout (cifar-10-batches-py/data_batch_1..5, test_batch) holding a
-    learnable toy problem: each class brightens one colour channel."""
-    from qatbench.tasks.cifar import write_cifar_batches
+    """CIFAR-10's python layout holding a learnable toy problem (the task's own sample writer)."""
+    from qatbench.tasks.cifar import CifarTask
 
-    n = 5 * per_batch + test_size
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 10, (n,), generator=generator)
-    images = torch.randint(0, 256, (n, 3, 32, 32), generator=generator, dtype=torch.uint8)
-    for i, label in enumerate(labels.tolist()):
-        images[i, label % 3] = images[i, label % 3] // 4 + 190
-    return write_cifar_batches(folder, images, labels, test_size)
+    return CifarTask.write_sample(folder, per_batch, test_size, seed)
 
 
 def make_image_folder(root: Path, classes: int = 3, per_class_train: int = 4, per_class_val: int = 2,
                       size: int = 40, seed: int = 0) -> Path:
-    """An ImageNet-style tree of JPEG files: root/train/<class>/*.JPEG and root/val/<class>/*.JPEG."""
-    from PIL import Image
+    """An ImageNet-style tree of JPEG files (the task's own sample writer)."""
+    from qatbench.tasks.imagenet import ImageFolderTask
 
-    generator = torch.Generator().manual_seed(seed)
-    for split, count in (("train", per_class_train), ("val", per_class_val)):
-        for c in range(classes):
-            folder = root / split / f"n{c:08d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                pixels = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8)
-                Image.fromarray(pixels.numpy()).save(folder / f"img_{i}.JPEG", format="JPEG")
-    return root
+    return ImageFolderTask.write_sample(root, classes, per_class_train, per_class_val, size, seed)
 
 
-def write_corpus(path, sentences=1500, seed=0):
-    """A generated English-like corpus: a small grammar, so that a model can lower its perplexity."""
-    generator = torch.Generator().manual_seed(seed)
-    subjects, verbs, objects = ["the cat", "a dog", "my friend", "the old man"], ["sees", "likes", "finds"], \
-        ["the ball", "a red house", "the river", "some bread"]
+def write_corpus(path: Path, sentences: int = 1500, seed: int = 0) -> Path:
+    """A generated English-like corpus at `path` (the language-model tasks' own sample writer)."""
+    from qatbench.tasks.llama import LlamaTask
 
-    def pick(words):
-        return words[torch.randint(len(words), (1,), generator=generator).item()]
-
-    path.write_text("\n".join(f"{pick(subjects)} {pick(verbs)} {pick(objects)}." for _ in range(sentences)))
+    corpus = LlamaTask.write_sample(path.parent / f".{path.name}.sample", sentences, seed)
+    corpus.replace(path)
+    corpus.parent.rmdir()
     return path
 
 

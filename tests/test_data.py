@@ -5,7 +5,7 @@ import torch
 
 from qatbench.data import candidate_roots, locate, read_idx
 from qatbench.errors import QatbenchError
-from tests.conftest import write_idx
+from qatbench.data import write_idx
 
 FILES = ["train-images-idx3-ubyte"]
 

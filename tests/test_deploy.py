@@ -9,11 +9,12 @@ import torch
 from qatbench.cli import main
 from qatbench.export import load_export
 from qatbench.quant import QuantizerConfig, as_rows, estimate_levels, hard_quantize
+from qatbench.registry import METHODS as REGISTERED
 from qatbench.results import load_records
 from tests.conftest import make_cifar_batches, make_image_folder, write_corpus
 from tests.test_lifecycle import qatbench_process
 
-METHODS = ["fp", "rtn", "ste", "binaryrelax", "parq", "fogzo", "nspsa", "talr"]
+METHODS = REGISTERED.names()  # every registered method
 
 
 def _run(tmp_path, *argv):

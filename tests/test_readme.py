@@ -1,4 +1,4 @@
-"""The README's code runs. Its Python block is the plugin a contributor starts from; every shell command of
+"""The README's code runs. Its Python blocks are the method and the task a contributor starts from; every shell command of
 the README that runs on the MLP tasks runs here as written, on the test's IDX data at the smoke recipe on the
 CPU (`--data-root`, `--recipe smoke`, `--device cpu` added or changed; sweep files from a copy whose recipe is
 `smoke` and seeds `[0]`; `<hash>` is the file a previous command wrote). Commands that need other data or a
@@ -16,7 +16,7 @@ import yaml
 from qatbench.cli import main
 
 ROOT = Path(__file__).parent.parent
-MLP_TASKS = ("mnist-mlp", "fashion-mnist-mlp")
+MLP_TASKS = ("mnist-mlp", "fashion-mnist-mlp", "table-mlp")  # table-mlp: the README's own task
 
 
 def _blocks(language: str) -> list[str]:
@@ -48,7 +48,7 @@ def _here(argv: list[str], idx_root: Path, folder: Path) -> list[str]:
     """The command on the test data: smoke recipe, CPU, the IDX folder; `<hash>` resolved."""
     argv = ["cpu" if a.startswith("cuda") else a for a in argv]
     argv = [str(next(folder.glob(a.replace("<hash>", "*")))) if "<hash>" in a else a for a in argv]
-    if argv[0] in ("run", "sweep", "bench", "status", "eval"):
+    if argv[0] in ("run", "sweep", "bench", "status", "eval") and "--data-root" not in argv:
         argv += ["--data-root", str(idx_root)]
     if argv[0] in ("run", "sweep", "bench"):
         argv += ["--no-download"]
@@ -61,8 +61,9 @@ def _here(argv: list[str], idx_root: Path, folder: Path) -> list[str]:
 
 
 def test_the_readme_plugin_and_commands_run(idx_root, isolated_data_env, tmp_path, monkeypatch):
-    [plugin] = [b for b in _blocks("python") if "# my_method.py" in b]
-    (tmp_path / "my_method.py").write_text(plugin)
+    for name in ("my_method.py", "my_task.py"):
+        [plugin] = [b for b in _blocks("python") if f"# {name}" in b]
+        (tmp_path / name).write_text(plugin)
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     for config in (tmp_path / "configs").glob("*.yaml"):
         sweep = yaml.safe_load(config.read_text())
@@ -75,7 +76,8 @@ def test_the_readme_plugin_and_commands_run(idx_root, isolated_data_env, tmp_pat
         command = _here(argv, idx_root, tmp_path)
         assert main(command) == 0, command
         ran.append(argv[0])
-    assert {"run", "sweep", "leaderboard", "status", "eval", "bench"} <= set(ran)
+    assert {"run", "sweep", "leaderboard", "status", "eval", "bench", "sample"} <= set(ran)
     assert list((tmp_path / "runs").rglob("halfway-b2-s0-*.json"))  # the plugin trained
+    assert len(list((tmp_path / "runs" / "table").rglob("*.json"))) == 3  # so did the README's task
     assert (tmp_path / "leaderboard" / "fashion-mnist-mlp.md").exists()
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from qatbench.cli import main
+from qatbench.registry import METHODS
 from qatbench.results import load_records
 from tests.conftest import make_cifar_batches, make_image_folder, write_corpus
 from tests.test_lifecycle import stalled_process
@@ -57,19 +58,18 @@ QUANT_PERIOD = ("--method-arg", "quant_period=3")  # level refreshes on both sid
 ANNEAL = ("--method-arg", "anneal_end=0.9")  # step 54: the hard-quantized end is reached after the resume
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("fp", ()),
-    ("ste", QUANT_PERIOD),
-    ("binaryrelax", (*QUANT_PERIOD, *ANNEAL)),
-    ("parq", (*QUANT_PERIOD, *ANNEAL)),
-    ("parq", ("--method-arg", "slope_schedule=aprox", "--method-arg", "quant_shrink=true", "--lr", "0.1")),
-    ("fogzo", QUANT_PERIOD),
-    ("nspsa", (*QUANT_PERIOD, "--lr", "0.001")),
-    ("talr", ()),
-], ids=["fp", "ste", "binaryrelax", "parq", "parq-aprox", "fogzo", "nspsa", "talr"])
+EXTRA = {  # what makes a method's resume interesting: its schedule or level refresh crosses the kill
+    "ste": QUANT_PERIOD, "binaryrelax": (*QUANT_PERIOD, *ANNEAL), "parq": (*QUANT_PERIOD, *ANNEAL),
+    "fogzo": QUANT_PERIOD, "nspsa": (*QUANT_PERIOD, "--lr", "0.001"),
+}
+CASES = [(name, EXTRA.get(name, ())) for name in METHODS.names()] + [  # every registered method, and AProx
+    ("parq", ("--method-arg", "slope_schedule=aprox", "--method-arg", "quant_shrink=true", "--lr", "0.1"))]
+
+
+@pytest.mark.parametrize("method, extra", CASES, ids=[*METHODS.names(), "parq-aprox"])
 def test_every_method_resumes_bit_identically_after_sigkill(method, extra, idx_root, isolated_data_env, tmp_path):
     argv = ["run", "--method", method, *MLP, "--data-root", str(idx_root), *extra]
-    if method != "fp":
+    if METHODS.get(method).quantizes:
         argv += ["--bits", "2"]
     reference = _finish(argv, tmp_path / "reference")
     _assert_same_run(_kill_and_resume(argv, 45, tmp_path), reference)

@@ -44,3 +44,33 @@ def test_the_flat_step_is_the_per_tensor_rule_bit_for_bit(name, config):
 
 def test_every_prox_method_is_covered():
     assert {"ste", "binaryrelax", "parq", "fogzo", "talr"} <= set(PROX_METHODS)
+
+
+def test_registering_an_incomplete_method_says_what_it_lacks():
+    from qatbench.errors import QatbenchError
+    from qatbench.method import Method
+    from qatbench.registry import Registry
+
+    class NoStep(Method):
+        Config = dict
+
+    with pytest.raises(QatbenchError, match="method class .*NoStep: implement step; its Config must be a dataclass"):
+        Registry("method", "qatbench.methods").register("no-step")(NoStep)
+
+
+def test_a_method_without_level_tables_exports_dense_and_the_table_says_so(idx_root, isolated_data_env, tmp_path):
+    from qatbench import leaderboard
+    from qatbench.cli import main
+    from qatbench.results import load_records
+
+    plugin = tmp_path / "tableless.py"
+    plugin.write_text("from qatbench.methods.rtn import RoundToNearest\nfrom qatbench.registry import METHODS\n\n"
+                      "@METHODS.register('rtn-tableless')\nclass Tableless(RoundToNearest):\n"
+                      "    def level_tables(self):\n        return []\n")
+    out = tmp_path / "runs"
+    assert main(["run", "--plugin", str(plugin), "--method", "rtn-tableless", "--task", "mnist-mlp", "--bits", "2",
+                 "--recipe", "smoke", "--data-root", str(idx_root), "--no-download", "--out", str(out)]) == 0
+    [record] = load_records([out])
+    assert record.export["packed"] is False and "gives no level_tables()" in record.export["note"]
+    [cell] = leaderboard.cells([record]).to_dict("records")
+    assert cell["packed_mb"] != cell["packed_mb"]  # NaN: no packed size is claimed

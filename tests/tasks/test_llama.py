@@ -6,7 +6,7 @@ import torch
 
 from qatbench.errors import QatbenchError
 from qatbench.params import build_config
-from qatbench.registry import TASKS
+from qatbench.registry import METHODS, TASKS
 from qatbench.tasks.llama import HeldOutWindows, TokenWindows
 from qatbench.text import ByteTokenizer, load_tokens
 from tests.conftest import smoke_run, write_corpus
@@ -163,10 +163,10 @@ def test_attention_and_mlp_matrices_are_quantized_embeddings_norms_and_head_are_
 
 
 @needs_transformers
-@pytest.mark.parametrize("method", ["fp", "ste", "binaryrelax", "parq", "fogzo", "nspsa", "talr"])
+@pytest.mark.parametrize("method", METHODS.names())
 def test_smoke_run_of_the_smallest_model_through_the_cli(method, tmp_path, isolated_data_env):
     corpus = write_corpus(tmp_path / "corpus.txt", sentences=400)
-    bits = [] if method == "fp" else ["--bits", "4"]
+    bits = ["--bits", "4"] if METHODS.get(method).quantizes else []
     record = smoke_run(tmp_path, "--method", method, "--task", "llama-20m", *bits, "--batch-size", "4",
                        "--task-arg", "seq_len=32", "--task-arg", "steps_per_epoch=3", "--task-arg", "val_fraction=0.05",
                        "--data-root", str(corpus))
