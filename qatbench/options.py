@@ -31,18 +31,21 @@ IdentityRule = Callable[[Any, Any], Any]  # (value, context) -> the value the id
 
 
 def option(default: Any, help: str, *, flag: str | None = None, sweep: bool = False,
-           identity: bool | IdentityRule = False, key: str | None = None, const: Any = None,
-           metavar: str | None = None, ge: float | None = None, gt: float | None = None, le: float | None = None,
-           lt: float | None = None) -> Any:
+           identity: bool | IdentityRule = False, omit_default: bool = False, key: str | None = None,
+           const: Any = None, metavar: str | None = None, ge: float | None = None, gt: float | None = None,
+           le: float | None = None, lt: float | None = None) -> Any:
     """A dataclass field that declares one option.
 
     `flag`: its command-line spelling (a bool that defaults to True is switched off by its flag, e.g.
     `--no-tf32`; a dict is given as repeated `KEY=VALUE`); None: not on the command line.
     `sweep`: a sweep file may set it, under `key` (default: the field's name).
-    `identity`: it enters the run's identity, as given (True) or as `identity(value, context)` returns.
+    `identity`: it enters the run's identity, as given (True) or as `identity(value, context)` returns;
+    with `omit_default`, only when that value is neither None nor the default's (so that adding an option
+    leaves the identities of the runs that do not use it as they were).
     `const`: the value of the flag given without one (`--compile` alone means `default`)."""
     metadata = {**param(default, help, ge=ge, gt=gt, le=le, lt=lt).metadata, "flag": flag, "sweep": sweep,
-                "identity": identity, "key": key, "const": const, "metavar": metavar}
+                "identity": identity, "omit_default": omit_default, "key": key, "const": const,
+                "metavar": metavar}
     if isinstance(default, dict):
         return dataclasses.field(default_factory=dict, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -105,13 +108,18 @@ def identity_fields(cls: type) -> list[str]:
 
 
 def identity_values(spec: Any, context: Any) -> dict[str, Any]:
-    """{field: the value the run's identity holds} for every identity option of `spec`."""
+    """{field: the value the run's identity holds} for every identity option of `spec` (an `omit_default` option
+    only where it holds something other than None and its default)."""
     values = {}
     for f in _fields(type(spec)):
         rule = f.metadata["identity"]
-        if rule:
-            value = getattr(spec, f.name)
-            values[f.name] = rule(value, context) if callable(rule) else value
+        if not rule:
+            continue
+        value = getattr(spec, f.name)
+        value = rule(value, context) if callable(rule) else value
+        if f.metadata["omit_default"] and (value is None or value == _default(f)):
+            continue
+        values[f.name] = value
     return values
 
 

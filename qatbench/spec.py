@@ -97,15 +97,16 @@ class RunSpec:
                         identity=_on_cuda)
     threads: int = option(1, "on the CPU, the threads of torch's intra-op pool: they decide the order of float "
                              "sums, so they are part of the identity", flag="--threads", sweep=True,
-                          identity=_on_cpu, ge=1, metavar="N")
+                          identity=_on_cpu, omit_default=True, ge=1, metavar="N")
     micro_batch: int | None = option(
         None, "gradient accumulation: forward and backward N samples at a time on each process; the recipe's "
-              "batch stays the step's batch", flag="--micro-batch", sweep=True, identity=True, ge=1, metavar="N")
+              "batch stays the step's batch", flag="--micro-batch", sweep=True, identity=True, omit_default=True, ge=1,
+        metavar="N")
     fsdp: bool = option(False, "on several processes: shard parameters, gradients and optimizer state over them "
                                "(FSDP2; tasks with shard units: llama-*) instead of replicating them (DDP)",
-                        flag="--fsdp", sweep=True, identity=True)
+                        flag="--fsdp", sweep=True, identity=True, omit_default=True)
     processes: int = option(1, "processes that train the run together (DDP, FSDP): set from --nproc, torchrun or "
-                               "--gpus-per-run", identity=True, ge=1)
+                               "--gpus-per-run", identity=True, omit_default=True, ge=1)
 
 
 def make_spec(values: dict[str, Any], owner: str, noun: str = "option", cls: type = RunSpec) -> RunSpec:
@@ -306,8 +307,8 @@ def resolve_identity(identity: Any, device: str = "cpu") -> ResolvedRun:
     what is rebuilt loads its weights from the run's checkpoint or export). The identity is untrusted: every
     value goes through the RunSpec schema, and the rebuilt recipe and configurations must be the recorded ones.
     What describes where it ran (device type, the CPU threads, TF32, processes, ...) is kept as recorded, and an
-    option the identity lacks (recorded before the option existed) is left out, so that the rebuilt identity
-    hashes to the run's id."""
+    option the identity lacks (at its default, or recorded before the option existed) is left out, so that the
+    rebuilt identity hashes to the run's id."""
     method_cls = _plugin(METHODS, _check_identity(identity)["method"])
     run = resolve(_recorded_spec(identity, device, method_cls.quantizes))
     _check_recorded(identity, run.base_identity, ("method_config", "task_config", "recipe_config", "quantizer",
@@ -317,7 +318,7 @@ def resolve_identity(identity: Any, device: str = "cpu") -> ResolvedRun:
         if key in identity:
             run.base_identity[key] = identity[key]
         else:
-            del run.base_identity[key]
+            run.base_identity.pop(key, None)
     return run
 
 

@@ -28,6 +28,20 @@ def _seeded() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _registries_restored():
+    """A plugin a test registers is gone after it: every test sees the built-in methods and tasks only."""
+    from qatbench.registry import METHODS, TASKS
+
+    for registry in (METHODS, TASKS):
+        registry.names()  # the built-in plugins discovered before the snapshot
+    saved = {registry: dict(registry._entries) for registry in (METHODS, TASKS)}
+    yield
+    for registry, entries in saved.items():
+        registry._entries.clear()
+        registry._entries.update(entries)
+
+
 @pytest.fixture
 def idx_root(tmp_path: Path) -> Path:
     """A folder holding a tiny data set in the MNIST IDX format."""

@@ -30,7 +30,9 @@ needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers")
                                         reason="the llama tasks need transformers (pip install 'qatbench[llm]')")
 
 LLAMA = ["--task", "llama-20m", "--recipe", "smoke", "--batch-size", "4", "--task-arg", "seq_len=32",
-         "--task-arg", "val_fraction=0.05", "--no-download", "--progress-seconds", "0"]
+         "--task-arg", "val_fraction=0.05", "--no-download", "--progress-seconds", "0",
+         *[arg for option in ("hidden=64", "layers=2", "heads=2", "intermediate=128") for arg in ("--task-arg", option)]]
+"""llama-20m's code path at a tiny size (task options): 2 decoder layers, the FSDP units, of width 64."""
 
 
 @pytest.fixture

@@ -58,3 +58,11 @@ def test_every_module_imports_only_its_layer_or_those_below():
     assert set(graph) == set(layer), "place every module in a layer: " + ", ".join(sorted(set(graph) ^ set(layer)))
     upward = [(m, n) for m, imported in graph.items() for n in imported if layer[n] > layer[m]]
     assert upward == []
+
+
+def test_the_readme_names_every_module_in_its_layer():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in readme.splitlines() if line.startswith("| ")}
+    for layer, modules in LAYERS:
+        for module in modules - {"__init__", "__main__"}:
+            assert f"`{module}`" in rows[layer], (layer, module)

@@ -44,16 +44,20 @@ def _identity(**values):
 
 
 def test_the_cpu_threads_are_part_of_a_cpu_runs_identity_and_pinned_by_default():
-    assert _identity()["threads"] == 1  # the same command makes the same run on any machine
+    assert "threads" not in _identity()  # at its default (1) it is left out: identities made before it stay
     assert _identity(threads=2)["threads"] == 2
     assert _identity(threads=1) == _identity()
     assert _identity(threads=2) != _identity()
-    if torch.cuda.is_available():  # a CUDA run's numbers do not depend on its CPU threads
-        assert _identity(device="cuda", threads=4)["threads"] is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA run's identity needs a CUDA device")
+def test_a_cuda_runs_identity_holds_no_cpu_threads():
+    assert _identity(device="cuda", threads=4)["threads"] is None  # its numbers do not depend on them
 
 
 def test_how_a_run_is_executed_is_part_of_its_identity():
     plain = _identity()
+    assert not {"micro_batch", "processes", "fsdp"} & set(plain)  # at their defaults: left out
     assert _identity(micro_batch=32)["micro_batch"] == 32 and _identity(micro_batch=32) != plain
     assert _identity(processes=2)["processes"] == 2 and _identity(processes=2) != plain
     assert plain["tf32"] is False  # TF32 counts on CUDA only

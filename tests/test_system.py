@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from qatbench.system import training_state_bytes
@@ -39,8 +40,9 @@ def test_cpu_peak_is_reported_as_its_increase_over_the_start():
     reading = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                                         check=True).stdout)
     assert reading["peak_rss_mb"] >= reading["baseline_rss_mb"] + 60
-    if reading["rss_scope"] == "run":
-        assert 60 <= reading["peak_rss_increase_mb"] < 200
+    if reading["rss_scope"] != "run":
+        pytest.skip("this kernel cannot reset a process's peak RSS mark (/proc/self/clear_refs)")
+    assert 60 <= reading["peak_rss_increase_mb"] < 200
 
 
 def test_a_steps_transient_memory_is_measured_from_the_level_after_the_first_step():
@@ -51,6 +53,7 @@ def test_a_steps_transient_memory_is_measured_from_the_level_after_the_first_ste
               "block = torch.ones(64 * 2**20 // 4); block += 1; del block; m.settle(); print(json.dumps(m.read()))")
     reading = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                                         check=True).stdout)
-    if reading["rss_scope"] == "run":
-        assert 150 <= reading["peak_rss_increase_mb"] < 300
-        assert 60 <= reading["step_rss_increase_mb"] < 90
+    if reading["rss_scope"] != "run":
+        pytest.skip("this kernel cannot reset a process's peak RSS mark (/proc/self/clear_refs)")
+    assert 150 <= reading["peak_rss_increase_mb"] < 300
+    assert 60 <= reading["step_rss_increase_mb"] < 90
