@@ -18,11 +18,13 @@ class RoundToNearest(FullPrecision):
     (same recipe, same seed: the same weights), and `finalize()` quantizes them once,
     `p = Q[nearest(w)]`, with levels Q estimated from the final weights. With `--epochs 0` and
     `--init` a full-precision checkpoint (an `fp` run's export), it is PTQ of that model with
-    zero training steps.
+    zero training steps. With `--act-bits A`, the activation quantizers are off while it trains and
+    their steps are then set from a few training batches (the W+A post-training row).
     """
 
     quantizes = True
     sharded_granularities = EVERY_GRANULARITY
+    trains_activation_steps = False  # with --act-bits: the steps are set on a few training batches after training
 
     def __init__(self, config, optimizer, quantizer, total_steps, generator) -> None:
         super().__init__(config, optimizer, quantizer, total_steps, generator)

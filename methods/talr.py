@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from qatbench.method import Closure, ProxConfig
+from qatbench.method import Closure, ProxConfig, ProxMethod
 from qatbench.methods.ste import STE
 from qatbench.params import param
 from qatbench.quant import TERNARY
@@ -50,10 +50,26 @@ class TALR(STE):
     (`rule="momentum"`, with `K_0 = R_0`, `s_0 = 1`) follows the public code; a fixed initial rate
     instead of `lambda sqrt(b)` is `target_rate`. The target follows a cosine over the steps of QAT
     (updated every step; a per-epoch staircase of the same cosine differs by at most one epoch's
-    decrement), or stays constant. Weight-only: the paper also quantizes activations (LSQ).
+    decrement), or stays constant.
+
+    The paper's setting (W/A, its modified LSQ): `--act-bits A --scale learned`. Activations are
+    quantized as `round(clip(gamma x / s, 0, 2^A - 1)) / gamma`, `gamma = 2^A`, their steps trained
+    (lr 0.01, no momentum, no weight decay; `s_A = 3 std(x) / sqrt(1 - 2/pi)` at the first training
+    forward). The weights' steps start at `s_W = 3 std(W)` and stay frozen; the weights are quantized
+    on the integer grid `k s_W / gamma`, `k = -2^(b-1) .. 2^(b-1) - 1` (`gamma = 2^(b-1)`), where the
+    paper writes `round(clip(gamma w / s_W)) / gamma`: the same integers, the same transitions, an output
+    larger by the constant `s_W`, which the BatchNorm after each quantized convolution of the paper's
+    ResNets removes (the same function, and the same gradient on the latent weights). Transitions are
+    counted on those integers. On a task without that normalization (the MLPs, LLaMA) the unscaled
+    form would shrink every quantized input to [0, 1); there the activations take LSQ's form.
     """
 
     Config = TALRConfig
+    freezes_weight_steps = True  # learned steps are set from the weights once (3 std) and frozen while TALR runs
+    activation_form = "talr"  # the paper's modified LSQ for activations, steps trained
+    default_scale_init = "3std"
+    default_scale_lr = 0.01  # the paper's activation steps: lr 0.01, no momentum, no weight decay
+    scale_momentum = 0.0
 
     def __init__(self, config: TALRConfig, optimizer, quantizer, total_steps, generator) -> None:
         super().__init__(config, optimizer, quantizer, total_steps, generator)
@@ -141,3 +157,26 @@ class TALR(STE):
         previous = state["previous_indices"]
         self.previous_indices = None if previous is None else previous.to(self.device, copy=True)
         self.target = state["target"]
+
+
+@METHODS.register("talr-baseline")
+class TALRBaseline(TALR):
+    """The plain optimizer with TALR's quantizers: the paper's SGD / Adam rows, beside which SGDT / AdamT (`talr`)
+    are measured (Lee et al., ICCV 2025, arXiv 2404.19248).
+
+    `p = hardquant(w)` as in STE, `w <- base_step(w, grad L(p))` at the recipe's learning rate; with `--scale
+    learned` the weights' steps are trained (LSQ's gradient), not frozen, and with `--act-bits A` the activations
+    take TALR's modified LSQ, as in `talr`. The transition rate is measured as in `talr` (its running average K
+    is a diagnostic; no target steers anything).
+    """
+
+    freezes_weight_steps = False  # the baseline trains the weights' steps (the paper)
+
+    def refresh_due(self, t: int) -> bool:
+        return ProxMethod.refresh_due(self, t)  # levels re-estimated (or learned) as for STE, not frozen
+
+    def base_step(self) -> None:
+        self.optimizer.step()
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"talr_running_rate": self.running_rate.mean().item()}

@@ -18,6 +18,7 @@ import torch
 
 from . import checkpoint
 from .errors import QatbenchError
+from .activations import attach
 from .export import check_fits, load_export
 from .fingerprint import Fingerprint, fingerprint
 from .finish import exactness_report, level_tables, write_export
@@ -68,6 +69,12 @@ def evaluate_export(path: Path, data_root: Path | None = None, device: str = "cp
     data_print = fingerprint(source.root, source.files)
     data = task.load_data(source, run_device, recipe.batch_size, torch.Generator(run_device).manual_seed(0))
     model = task.build_model().to(run_device)
+    if spec.act_bits:  # the activations' quantizers, their steps loaded with the weights
+        activations = identity.get("activations")
+        form = activations.get("form") if isinstance(activations, dict) else None
+        if form not in ("lsq", "talr"):
+            raise QatbenchError(f"{path}: its identity quantizes activations but names no valid form ({form!r})")
+        attach(task.activation_inputs(model), spec.act_bits, form, "lsq")
     check_fits(model, loaded.state_dict, str(path))
     model.load_state_dict(loaded.state_dict)
     if spec.channels_last:
@@ -101,6 +108,9 @@ def export_from_checkpoint(record_path: Path) -> dict[str, Any]:
     position = saved.get("position")
     if not isinstance(position, dict) or position.get("epoch") != run.recipe.epochs:
         raise QatbenchError(f"{files.checkpoint} is not the final checkpoint of run {record.run_id}")
+    if run.act_bits and not run.method_cls.trains_activation_steps:
+        raise QatbenchError(f"{record_path}: its activation steps are set on training batches as the run finishes; "
+                            "every finished run exports its model itself (beside its record)")
     if saved.get("model") is None:
         raise QatbenchError(f"{files.checkpoint} holds the shards of an --fsdp run; every finished run exports its "
                             f"model itself (beside its record)")

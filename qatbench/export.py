@@ -5,7 +5,8 @@ in the weight's logical, contiguous order):
   `W.indices`  uint8: every weight's level index, `b` bits each (ternary: 2 bits), packed
                LSB-first into a bit stream (weight i occupies bits i*b .. i*b + b - 1);
   `W.step`     (uniform levels) each row's step `s`, in the weight's dtype; the levels are
-               `fl(c_k * s)`, `c_k = k - (m - 1) / 2` (`qatbench.quant`), rebuilt bitwise;
+               `fl(c_k * s)`, `c_k = k - (m - 1) / 2` (or the integer grid `k - m/2` of learned steps,
+               `qatbench.quant`), rebuilt bitwise;
   `W.levels`   (LSBQ levels) each row's sorted table of m levels, in the weight's dtype.
 Every other tensor of the model's state dict (biases, norms, running statistics, tensors the
 task does not quantize) is stored as it is. The metadata (strings, JSON) holds the format,
@@ -114,7 +115,7 @@ def export_model(path: Path, state: dict[str, Tensor], levels: dict[str, Tensor]
         table = levels[name]
         tensors[f"{name}.indices"] = pack_indices(exact_indices(rows, table, name), index_bits(quantizer.bits))
         if quantizer.scheme == "uniform":
-            tensors[f"{name}.step"] = grid(table)[1].reshape(-1).cpu().contiguous()
+            tensors[f"{name}.step"] = grid(table, quantizer.integer_grid)[1].reshape(-1).cpu().contiguous()
         else:
             tensors[f"{name}.levels"] = table.cpu().contiguous()
         quantized[name] = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch."),
@@ -200,7 +201,8 @@ def _rebuild(path: Path, name: str, info: Any, tensors: dict[str, Tensor], quant
         step = tensors.get(f"{name}.step")
         if step is None or step.shape != (rows,):
             raise QatbenchError(f"{path}: {name}.step is missing or not one step per row ({rows})")
-        table = grid_coefficients(m, step.dtype) * step[:, None] if step.is_floating_point() else None
+        coefficients = grid_coefficients(m, step.dtype, integer=quantizer.integer_grid)
+        table = coefficients * step[:, None] if step.is_floating_point() else None
     else:
         table = tensors.get(f"{name}.levels")
         if table is None or table.shape != (rows, m):

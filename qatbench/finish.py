@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .activations import calibrate
 from .errors import QatbenchError
 from .export import export_model
 from .method import Method
@@ -24,11 +25,17 @@ from .sharding import whole_level_tables, whole_state_dict, whole_weights
 from .spec import ResolvedRun
 
 
-def finish(run: ResolvedRun, record: RunRecord, model: torch.nn.Module, method: Method, test: Any,
+CALIBRATION_BATCHES = 4  # training batches that set the activation steps of a method that does not train them (rtn)
+
+
+def finish(run: ResolvedRun, record: RunRecord, model: torch.nn.Module, method: Method, train: Any, test: Any,
            export_to: Path | None) -> None:
     """Finalize the method, check exactness, evaluate (the record's metric, its time in `final_eval_s`) and export
-    to `export_to` (the record says how large, or why not); the record's status is then `ok`."""
+    to `export_to` (the record says how large, or why not); the record's status is then `ok`. A run that quantizes
+    activations with a method that does not train their steps (rtn) first sets them on a few training batches."""
     method.finalize()
+    if run.act_bits and not run.method_cls.trains_activation_steps:
+        calibrate(model, model, train, CALIBRATION_BATCHES)
     tables, weights = level_tables(run, model, method), whole_state_dict(model)  # under FSDP: gathered
     with whole_weights(model):
         record.exactness = exactness_report(run, model)

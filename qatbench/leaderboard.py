@@ -40,7 +40,7 @@ from .task import published
 FORMATS = {"md": "md", "csv": "csv", "json": "json", "latex": "tex"}  # format -> file extension
 BUDGET_KEYS = ("epochs", "epoch_steps", "batch_size", "optimizer")  # recipe keys of a section; the others per row
 NOT_ROW_KEYS = ("method", "method_config", "task", "task_config", "seed", "data", "device_type", "recipe_config",
-                "quantizer")  # identity keys a row label never names (the cell, the section, or expanded below)
+                "quantizer", "activations")  # identity keys a row never names (its cell, its section, expanded below)
 ENVIRONMENT_KEYS = ("git_commit", "torch", "cuda", "device_name", "python")  # what can explain two results of a run
 SHARED_SHOWN = ("recipe", "lr", "lr_schedule", "weight_decay", "scheme", "granularity", "precision", "threads",
                 "processes")
@@ -75,8 +75,8 @@ def _record_row(r: RunRecord) -> dict[str, Any]:
     return {
         "run_id": r.run_id, "source": r.source or "", "environment": json.dumps(
             {k: environment.get(k) for k in ENVIRONMENT_KEYS}, sort_keys=True, default=str),
-        "task": r.task, "method": r.method, "quantized": quantized, "bits": bits_label(r.bits) if quantized else "FP",
-        "bits_order": bits_order(r.bits if quantized else None), "seed": r.seed, "status": r.status,
+        "task": r.task, "method": r.method, "quantized": quantized, "bits": column_label(r, quantized),
+        "bits_order": column_order(r, quantized), "seed": r.seed, "status": r.status,
         "metric": r.metric, "metric_name": r.metric_name, "higher_is_better": r.higher_is_better,
         "section": section_key(spec), "method_config": json.dumps(spec.get("method_config") or {}, sort_keys=True),
         "row_config": json.dumps(_row_config(spec, quantized), sort_keys=True, default=str),
@@ -91,6 +91,27 @@ def _record_row(r: RunRecord) -> dict[str, Any]:
         "num_test": r.num_test, "command": r.command, "commit": (r.environment or {}).get("git_commit"),
         "device": (r.environment or {}).get("device_name"),
     }
+
+
+def _activation_bits(r: RunRecord) -> int | None:
+    activations = r.spec.get("activations")
+    bits = activations.get("bits") if isinstance(activations, dict) else None
+    return bits if isinstance(bits, int) and not isinstance(bits, bool) else None
+
+
+def column_label(r: RunRecord, quantized: bool) -> str:
+    """The table column of a record: its bit width ("2", "T"), "W/A" ("2/2") when it quantizes activations too,
+    "FP" for the full-precision baseline."""
+    if not quantized:
+        return "FP"
+    act = _activation_bits(r)
+    return f"{bits_label(r.bits)}/{act}" if act else bits_label(r.bits)
+
+
+def column_order(r: RunRecord, quantized: bool) -> float:
+    """Weight-only columns by bit width, then the W/A columns, FP last."""
+    act = _activation_bits(r) if quantized else None
+    return bits_order(r.bits if quantized else None) + (100 + act / 100 if act else 0)
 
 
 def _mb(value: float | None) -> float | None:
@@ -314,18 +335,27 @@ def _with_baseline(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _published_values(task: str) -> dict[tuple[str | None, str], tuple[str, float]]:
-    """{(method, bits label): (text, mean)} of the paper's numbers; the FP number under (None, "FP")."""
-    reference = published(task)
+    """{(method, column label): (text, mean)} of the papers' numbers; the first paper's FP number under
+    (None, "FP")."""
     values: dict[tuple[str | None, str], tuple[str, float]] = {}
     try:
-        if reference.get("fp") is not None:
-            values[(None, "FP")] = (str(reference["fp"]), stats.parse_mean_std(reference["fp"])[0])
-        for method, row in (reference.get("rows") or {}).items():
-            for bits, text in row.items():
-                values[(method, str(bits))] = (str(text), stats.parse_mean_std(text)[0])
+        for paper in published(task):
+            if paper.get("fp") is not None and (None, "FP") not in values:
+                values[(None, "FP")] = (str(paper["fp"]), stats.parse_mean_std(paper["fp"])[0])
+            for method, row in (paper.get("rows") or {}).items():
+                for bits, text in row.items():
+                    values[(method, str(bits))] = (str(text), stats.parse_mean_std(text)[0])
     except ValueError as err:
         raise QatbenchError(f"tasks/references.yaml, task {task!r}: {err}") from None
     return values
+
+
+def label_order(label: str) -> float:
+    """The order of a column label: "1" < "T" < "2" < ... < "8" < "2/2" < "4/4" (W/A) < "FP"."""
+    if label == "FP":
+        return float("inf")
+    weights, _, activations = str(label).partition("/")
+    return bits_order(parse_bits(weights)) + (100 + int(activations) / 100 if activations else 0)
 
 
 def _with_published(table: pd.DataFrame) -> pd.DataFrame:
@@ -508,7 +538,7 @@ def _paper_table(section: pd.DataFrame) -> str:
     for row, group in _rows(known):
         by_bits = {c["bits"]: c for _, c in group.iterrows()}
         rows.append([row, *(_paper_text(by_bits[b]) if b in by_bits else "" for b in bits_cols)])
-    source = published(section["task"].iloc[0]).get("source")
+    source = "; ".join(paper.get("source", "") for paper in published(section["task"].iloc[0]))
     return (f"\nAgainst the published numbers ({source}): our mean minus the paper's, and whether the paper's mean "
             f"lies inside our {stats.LEVEL:.0%} interval (a single run has none). The paper's budget may differ "
             "from this section's.\n\n" + _table(["method", *bits_cols], rows) + "\n")
@@ -603,14 +633,16 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _reference_section(task: str) -> str:
-    """The papers' own numbers, when `tasks/references.yaml` has them."""
-    reference = published(task)
-    if not reference.get("rows"):
-        return ""
-    bits_cols = sorted({b for row in reference["rows"].values() for b in row}, key=lambda b: bits_order(parse_bits(b)))
-    rows = [[m, *(reference["rows"][m].get(b, "") for b in bits_cols)] for m in reference["rows"]]
-    return (f"\n### Published numbers (not measured here)\n\nFrom {reference['source']}; FP {reference.get('fp')}.\n\n"
-            + _table(["method", *bits_cols], rows) + "\n")
+    """The papers' own numbers, when `tasks/references.yaml` has them, one table per paper."""
+    parts = []
+    for paper in published(task):
+        if not paper.get("rows"):
+            continue
+        columns = sorted({str(b) for row in paper["rows"].values() for b in row}, key=label_order)
+        rows = [[m, *(str(paper["rows"][m].get(b, "")) for b in columns)] for m in paper["rows"]]
+        fp = f"; FP {paper['fp']}" if paper.get("fp") is not None else ""
+        parts.append(f"From {paper['source']}{fp}.\n\n" + _table(["method", *columns], rows))
+    return "\n### Published numbers (not measured here)\n\n" + "\n\n".join(parts) + "\n" if parts else ""
 
 
 def _provenance(frame: pd.DataFrame, regenerate: str) -> str:

@@ -260,7 +260,7 @@ class RunTraining:
         self.record.memory = {**memory, "state_bytes": training_state_bytes(model, method)}
         if self.record.status == "diverged":
             return
-        finish(self.run, self.record, model, method, self.data.test,
+        finish(self.run, self.record, model, method, self.data.train, self.data.test,
                self.where.export if self.world.main else None)
 
     def train_epoch(self, epoch: int) -> None:

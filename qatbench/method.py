@@ -40,6 +40,14 @@ class Method(ABC):
     # every statistic over a row or a tensor that spans the ranks is reduced across them (`FlatLayout.row_reduce`,
     # `tensor_reduce`), as a per-tensor `prox(latent, ...)` sees only this rank's part of the row; empty: never
     sharded_granularities: ClassVar[frozenset[str]] = frozenset()
+    # the weights' steps the method can train with: estimated from the weights, and/or learned (LSQ, `--scale`)
+    step_sizes: ClassVar[frozenset[str]] = frozenset({"estimated"})
+    freezes_weight_steps: ClassVar[bool] = False  # learned weight steps set once and kept (TALR), not trained
+    activation_form: ClassVar[str] = "lsq"  # the activation quantizer's form (`qatbench.activations`): lsq | talr
+    trains_activation_steps: ClassVar[bool] = True  # False: the steps are calibrated after training (rtn)
+    default_scale_init: ClassVar[str] = "lsq"  # where learned steps start: lsq | 3std
+    default_scale_lr: ClassVar[float | None] = None  # the learned steps' learning rate (None: the recipe's)
+    scale_momentum: ClassVar[float | None] = None  # their SGD momentum (None: the recipe's)
 
     @classmethod
     def check_plugin(cls) -> None:
@@ -141,6 +149,14 @@ class ProxConfig:
     quant_period: int = param(10, "re-estimate the levels Q every this many steps", ge=1)
 
 
+def scales_group(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's parameter group of learned steps (made by the harness where a run learns steps)."""
+    for group in optimizer.param_groups:
+        if group.get("scales"):
+            return group
+    raise QatbenchError("a method that learns steps needs the optimizer's 'scales' group (qatbench.step builds it)")
+
+
 class ProxMethod(Method):
     """`QuantOptimizer(base_optimizer, quantizer, prox_map)` of the PARQ paper (Jin et al., ICML 2025).
 
@@ -180,6 +196,16 @@ class ProxMethod(Method):
         self.latent_views: list[Tensor] = []
         self.latent_params: list[torch.nn.Parameter] = []  # what the base optimizer updates during QAT
         self.flat_levels: FlatLevels | None = None
+        self.learned = quantizer.scale == "learned"
+        self.weight_steps: torch.nn.Parameter | None = None  # learned steps, one per row, trained (LSQ)
+        self.frozen_steps: Tensor | None = None  # learned steps set once when QAT starts and kept (TALR)
+        if self.learned and not self.freezes_weight_steps:
+            self.weight_steps = torch.nn.Parameter(torch.ones(self.layout.num_rows, dtype=self.layout.dtype,
+                                                              device=self.layout.device))
+            scales_group(optimizer)["params"].append(self.weight_steps)
+            q_p = -self.quant.first - 1
+            self.gradient_scale = (self.layout.row_lengths.to(self.layout.dtype) * q_p).rsqrt_()  # LSQ's g per row
+            self.weight_gradient = self.layout.empty()  # dL/dp, flat
 
     def quantized_params(self) -> list[Tensor]:
         """The model's quantized parameters (during QAT the optimizer holds their latent copies instead)."""
@@ -213,7 +239,8 @@ class ProxMethod(Method):
     def nearest_level(self, latent: Tensor, levels: Tensor) -> Tensor:
         """For a `prox` hook: the nearest level of every weight of one tensor's rows in their table, rounded the
         way the method's quantizer rounds (`qatbench.quant`: closed form for uniform levels, ties down)."""
-        return hard_quantize(latent, levels, evenly_spaced=self.quantizer.evenly_spaced)
+        return hard_quantize(latent, levels, evenly_spaced=self.quantizer.evenly_spaced,
+                             integer=self.quantizer.integer_grid)
 
     def prox_input(self, latent: Tensor) -> Tensor:
         """What the levels are estimated from and `prox` acts on (PARQ may shrink it)."""
@@ -231,8 +258,9 @@ class ProxMethod(Method):
         self.optimizer.step()
 
     def refresh_due(self, t: int) -> bool:
-        """Whether to re-estimate the levels at QAT step t (TALR freezes them after the first)."""
-        return t % self.config.quant_period == 0
+        """Whether to re-estimate the levels at QAT step t (TALR freezes them after the first); learned steps
+        change every step."""
+        return self.weight_steps is not None or t % self.config.quant_period == 0
 
     # -- the step ----------------------------------------------------------------------
     def _start_qat(self) -> None:
@@ -252,7 +280,28 @@ class ProxMethod(Method):
         for p, latent in zip(self.params, self.latent_params):
             if p in self.optimizer.state:  # under FSDP the latent weights are shards: so is their state
                 self.optimizer.state[latent] = {k: local(v) for k, v in self.optimizer.state.pop(p).items()}
+        if self.learned:  # where the learned steps start: from the weights as QAT starts
+            initial = self.quant.initial_steps(self.latent_flat)
+            if self.weight_steps is not None:
+                self.weight_steps.data.copy_(initial)
+            else:
+                self.frozen_steps = initial
 
+    def _lsq_gradients(self) -> None:
+        """LSQ (Esser et al., ICLR 2020) on the weights' integer grid `k s`: the steps' gradient
+        `ds = g sum_i dL/dp_i (round(u_i) - u_i)` over each row (`u = w / s` strictly inside the clip range
+        `(c_0, c_{m-1})`; `c_0` or `c_{m-1}` at or beyond its ends), `g = 1 / sqrt(N Q_P)` (N: the row's weights),
+        and the weights' gradient zeroed at and beyond the ends (the LSQ paper's; `round` is the shared
+        quantizer's, ties down)."""
+        gradient, steps = self.weight_gradient, self.flat_levels.element_steps
+        torch._foreach_copy_(self.layout.views(gradient), [local(p.grad) for p in self.params])
+        u = self.latent_flat / steps
+        low, high = self.quant.first, self.quant.first + self.quant.m - 1
+        inside = (u > low) & (u < high)
+        slope = torch.where(inside, self.quant.indices(self.latent_flat, self.flat_levels).add_(low).sub_(u),
+                            u.clamp_(low, high))
+        self.weight_steps.grad = self.layout.row_reduce(slope.mul_(gradient), "sum").mul_(self.gradient_scale)
+        torch._foreach_copy_([local(p.grad) for p in self.params], self.layout.views(gradient.mul_(inside)))
     def _update_latent(self) -> None:
         """The base optimizer's step on the latent weights, with the gradients taken at the model's weights."""
         for latent, p in zip(self.latent_params, self.params):
@@ -272,8 +321,13 @@ class ProxMethod(Method):
             torch._foreach_copy_(self.param_views, self.output_views)
 
     def refresh_levels(self) -> None:
-        """Re-estimate the level table of every row from the latent weights."""
-        self.flat_levels = self.quant.levels(self.prox_input(self.latent_flat))
+        """Re-estimate the level table of every row from the latent weights; with learned steps, the integer grid
+        of the steps (kept positive)."""
+        if not self.learned:
+            self.flat_levels = self.quant.levels(self.prox_input(self.latent_flat))
+            return
+        steps = self.frozen_steps if self.weight_steps is None else self.weight_steps.data
+        self.flat_levels = self.quant.levels_of_steps(steps.clamp_(min=2 * torch.finfo(steps.dtype).tiny))
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> None:
@@ -284,6 +338,8 @@ class ProxMethod(Method):
             if self.latent_flat is None:  # first QAT step: the model still holds the latent weights
                 self._start_qat()
             else:
+                if self.weight_steps is not None:
+                    self._lsq_gradients()  # from the straight-through gradient, before a method replaces it
                 self.estimate_gradients(closure)
             self._update_latent()
             self.on_base_step()
@@ -326,6 +382,8 @@ class ProxMethod(Method):
         levels, quant = self.flat_levels, self.quant
         derived = [t for t in (levels.element_steps, levels.bounds, levels.padded) if t is not None] if levels else []
         staging = [self.output] if self.weights is None and self.output is not None else []
+        if self.weight_steps is not None:
+            staging += [self.weight_gradient, self.gradient_scale]
         constants = [t for t in (quant.row_start, quant.signs) if t is not None]
         return [self.layout.row_lengths, self.layout.tensor_numels, quant.coefficients, quant.row_counts, *constants,
                 *derived, *staging]
@@ -340,6 +398,12 @@ class ProxMethod(Method):
             if self.latent_flat is None:
                 self._start_qat()
             self.latent_flat.copy_(state["latent"])
-            steps = None if state["level_steps"] is None else state["level_steps"].to(self.device)
+            steps = None if state["level_steps"] is None else state["level_steps"].to(self.device, copy=True)
+            if self.learned:  # the steps the levels are the grid of
+                if self.weight_steps is not None:
+                    self.weight_steps.data.copy_(steps)
+                    steps = self.weight_steps.data
+                else:
+                    self.frozen_steps = steps
             self.flat_levels = make_levels(state["levels"].to(self.device), steps, self.layout)
         super().load_state_dict(state)

@@ -16,6 +16,10 @@ Level sets (after the PARQ reference `UnifQuantizer` / `LSBQuantizer`, MIT), per
   `r = w`; for j = 1..b: `v_j = mean|r|`, `r -= v_j sign(r)` (sign(0) = +1); levels
   `sort{+-v_1 +- ... +- v_b}`;
 * LSBQ ternary: `v = 1.1 mean|w|`, levels `{-v, 0, v}`.
+* learned steps (LSQ, Esser et al. 2020; `scale="learned"`): the integer grid `fl(k * s)`,
+  `k = -2^(b-1) .. 2^(b-1) - 1` (b >= 2), with each row's step `s` trained, not estimated
+  (`Quantizer.levels_of_steps`); the step starts at LSQ's `2 mean|w| / sqrt(Q_P)` or at TALR's
+  `3 std(w)` divided by `2^(b-1)` (`initial_steps`).
 
 Means are sums accumulated in float64 divided by the row's length, then rounded once to the
 weights' dtype: as accurate as `torch.mean` (closer than a float32 running sum), whatever
@@ -36,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -93,30 +97,59 @@ class QuantizerConfig:
     bits: int
     scheme: Literal["uniform", "lsbq"] = "uniform"
     granularity: Literal["channel", "tensor"] = "channel"
+    scale: Literal["estimated", "learned"] = "estimated"
+    step_init: Literal["lsq", "3std"] = "lsq"  # where learned steps start (`Quantizer.initial_steps`)
 
     def __post_init__(self) -> None:
         if self.bits != TERNARY and not 1 <= self.bits <= MAX_BITS:
             raise QatbenchError(f"invalid bits {self.bits}; valid choices: 1..{MAX_BITS} or T (ternary)")
+        if self.scale == "learned" and self.scheme != "uniform":
+            raise QatbenchError(f"learned steps (LSQ) quantize to a uniform integer grid, not to {self.scheme} levels; "
+                                "valid choice: --quantizer uniform")
+        if self.scale == "learned" and self.bits in (1, TERNARY):
+            raise QatbenchError(f"learned steps (LSQ) need at least 2 bits, not {bits_label(self.bits)}: LSQ's grid "
+                                "-2^(b-1)..2^(b-1)-1 has no positive level at 1 bit")
 
     @property
     def evenly_spaced(self) -> bool:
         """Uniform levels (ternary included) are a grid with a positive step: they are rounded in closed form."""
         return self.scheme == "uniform"
 
+    @property
+    def integer_grid(self) -> bool:
+        """Learned steps quantize to the integer grid `k s`, k = -2^(b-1)..2^(b-1)-1 (zero a level)."""
+        return self.scale == "learned"
 
-def grid_coefficients(m: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
-    """`c_k = k - (m - 1) / 2`, k = 0..m-1: the exact multiples of the step that uniform levels are."""
-    return torch.arange(m, dtype=dtype, device=device) - (m - 1) / 2
+    def identity(self) -> dict[str, Any]:
+        """What a run's identity says of its quantizer: `scale` only when learned (so that identities made before
+        learned steps existed stay as they were)."""
+        fields = dataclasses.asdict(self)
+        if self.scale == "estimated":
+            del fields["scale"], fields["step_init"]
+        return fields
 
 
-def grid(levels: Tensor) -> tuple[float, Tensor]:
+def first_coefficient(m: int, integer: bool = False) -> float:
+    """`c_0` of a grid of m levels: `-(m - 1)/2` (symmetric), or `-m/2` (the integer grid of learned steps)."""
+    return -(m // 2) if integer else -(m - 1) / 2
+
+
+def grid_coefficients(m: int, dtype: torch.dtype, device: torch.device | str = "cpu", integer: bool = False) -> Tensor:
+    """`c_k = c_0 + k`, k = 0..m-1: the exact multiples of the step that uniform levels are: symmetric
+    (`c_0 = -(m - 1)/2`: half-integers for even m), or the integer grid of learned steps (`c_0 = -m/2`)."""
+    return torch.arange(m, dtype=dtype, device=device) + first_coefficient(m, integer)
+
+
+def grid(levels: Tensor, integer: bool = False) -> tuple[float, Tensor]:
     """`(c_0, s)` of uniform levels `fl(c_k * s)`: the first coefficient and each row's step `(rows, 1)`,
-    recovered exactly (halving and doubling are exact): `s = 2 * level` at `c = 1/2` for even m,
-    the level at `c = 1` for odd m (ternary)."""
+    recovered exactly (halving and doubling are exact): `s = 2 * level` at `c = 1/2` for a symmetric grid of
+    even m, the level at `c = 1` otherwise (ternary, the integer grid)."""
     m = levels.shape[1]
-    if m % 2 == 0:
-        return -(m - 1) / 2, levels[:, m // 2: m // 2 + 1] * 2
-    return -(m - 1) / 2, levels[:, (m + 1) // 2: (m + 1) // 2 + 1]
+    first = first_coefficient(m, integer)
+    if not integer and m % 2 == 0:
+        return first, levels[:, m // 2: m // 2 + 1] * 2
+    one = int(1 - first)  # the index of c = 1
+    return first, levels[:, one: one + 1]
 
 
 # ---------------------------------------------------------------- levels of a layout
@@ -163,9 +196,9 @@ def make_levels(table: Tensor, steps: Tensor | None, layout: FlatLayout) -> Flat
     return FlatLevels(table.contiguous(), None, None, _padded(bounds, stride).view(-1), _padded(table, stride).view(-1))
 
 
-def levels_of_table(table: Tensor, evenly_spaced: bool, layout: FlatLayout) -> FlatLevels:
+def levels_of_table(table: Tensor, evenly_spaced: bool, layout: FlatLayout, integer: bool = False) -> FlatLevels:
     """The levels of a layout from their tables alone (a uniform table's steps are recovered exactly, `grid`)."""
-    return make_levels(table, grid(table)[1].reshape(-1) if evenly_spaced else None, layout)
+    return make_levels(table, grid(table, integer)[1].reshape(-1) if evenly_spaced else None, layout)
 
 
 class Quantizer:
@@ -176,9 +209,10 @@ class Quantizer:
     def __init__(self, config: QuantizerConfig, layout: FlatLayout) -> None:
         self.config, self.layout = config, layout
         self.m = num_levels(config.bits)
-        self.first = -(self.m - 1) / 2
+        self.first = first_coefficient(self.m, config.integer_grid)
+        self.half_integers = self.first != int(self.first)  # a symmetric grid of even m: levels at half-integers
         device, dtype = layout.device, layout.dtype
-        self.coefficients = grid_coefficients(self.m, dtype, device)
+        self.coefficients = grid_coefficients(self.m, dtype, device, config.integer_grid)
         self.signs = (torch.tensor(list(itertools.product((-1.0, 1.0), repeat=config.bits)), dtype=dtype,
                                    device=device).T.contiguous() if config.bits != TERNARY else None)
         self.ternary_lsbq = torch.tensor([-1.0, 0.0, 1.0], dtype=dtype, device=device)
@@ -192,7 +226,8 @@ class Quantizer:
         return (self.layout.row_reduce(flat.abs().double(), "sum") / self.row_counts).to(flat.dtype)
 
     def levels(self, latent: Tensor) -> FlatLevels:
-        """The levels of every row of the flat `latent` buffer."""
+        """The levels of every row of the flat `latent` buffer (estimated from it; learned steps have their own,
+        `levels_of_steps`)."""
         if self.config.scheme == "lsbq":
             return make_levels(self._lsbq_table(latent), None, self.layout)
         amax = self.layout.row_reduce(latent.abs(), "max")
@@ -203,6 +238,23 @@ class Quantizer:
             half_range = 2 ** (self.config.bits - 1) - 0.5
         steps = (q_max / half_range).clamp_(min=2 * torch.finfo(latent.dtype).tiny)
         return make_levels(self.coefficients * steps[:, None], steps, self.layout)
+
+    def levels_of_steps(self, steps: Tensor) -> FlatLevels:
+        """The integer grid `fl(k s)` of every row's (learned) step `s` `(R,)`."""
+        return make_levels(self.coefficients * steps[:, None], steps, self.layout)
+
+    def initial_steps(self, latent: Tensor) -> Tensor:
+        """Learned steps to start from, `(R,)`: LSQ's `2 mean|w| / sqrt(Q_P)`, or TALR's `s_W = 3 std(w)` as the
+        step of its grid `gamma w / s_W` (`gamma = 2^(b-1)`): `3 std(w) / 2^(b-1)`. Statistics in float64."""
+        q_p, gamma = -self.first - 1, -self.first  # Q_P = 2^(b-1) - 1, gamma = 2^(b-1)
+        if self.config.step_init == "lsq":
+            steps = 2 * self._row_mean_abs(latent) / math.sqrt(q_p)
+        else:
+            flat = latent.double()
+            mean = self.layout.row_reduce(flat, "sum") / self.row_counts
+            square = self.layout.row_reduce((flat - self.layout.per_element(mean)).square_(), "sum")
+            steps = (3 * (square / (self.row_counts - 1).clamp_(min=1)).sqrt_() / gamma).to(latent.dtype)
+        return steps.clamp_(min=2 * torch.finfo(latent.dtype).tiny)
 
     def _lsbq_table(self, latent: Tensor) -> Tensor:
         """Greedy LSBQ: b times `v_j = mean|r|` per row, `r -= v_j sign(r)`; levels `sort(+-v_1 ... +-v_b)`."""
@@ -231,9 +283,10 @@ class Quantizer:
 
     def _nearest_coefficient(self, scaled: Tensor) -> Tensor:
         """In place: the coefficient `c_k` of the nearest uniform level to `u = w / s`, a tie going down: the
-        half-integer `ceil(u) - 1/2` (even m) or the integer `ceil(u - 1/2)` (odd m), clamped to `[c_0, -c_0]`."""
-        nearest = scaled.ceil_().sub_(0.5) if self.m % 2 == 0 else scaled.sub_(0.5).ceil_()
-        return nearest.clamp_(self.first, -self.first)
+        half-integer `ceil(u) - 1/2` (a symmetric grid of even m) or the integer `ceil(u - 1/2)` (odd m, the
+        integer grid), clamped to `[c_0, c_{m-1}]`."""
+        nearest = scaled.ceil_().sub_(0.5) if self.half_integers else scaled.sub_(0.5).ceil_()
+        return nearest.clamp_(self.first, self.first + self.m - 1)
 
     def indices(self, values: Tensor, levels: FlatLevels) -> Tensor:
         """The index of the nearest level of every element (int32 for searched tables, float for uniform)."""
@@ -266,11 +319,12 @@ class Quantizer:
 # ---------------------------------------------------------------- one tensor at a time
 
 
-def _config_of(levels: Tensor, evenly_spaced: bool, granularity: str = "channel") -> QuantizerConfig:
+def _config_of(levels: Tensor, evenly_spaced: bool, integer: bool = False) -> QuantizerConfig:
     """The configuration that rounds to a table of m levels (its bit width only decides m)."""
     m = levels.shape[1]
     bits = TERNARY if m == 3 else m.bit_length() - 1
-    return QuantizerConfig(bits, "uniform" if evenly_spaced else "lsbq", granularity)
+    return QuantizerConfig(bits, "uniform" if evenly_spaced else "lsbq", "channel",
+                           "learned" if integer else "estimated")
 
 
 def _on_rows(rows: Tensor, config: QuantizerConfig) -> tuple[Quantizer, Tensor]:
@@ -286,26 +340,29 @@ def estimate_levels(rows: Tensor, config: QuantizerConfig) -> Tensor:
         return quantizer.levels(flat).table
 
 
-def rows_quantizer(rows: Tensor, levels: Tensor, evenly_spaced: bool) -> tuple[Quantizer, Tensor, FlatLevels]:
+def rows_quantizer(rows: Tensor, levels: Tensor, evenly_spaced: bool,
+                   integer: bool = False) -> tuple[Quantizer, Tensor, FlatLevels]:
     """The shared quantizer over the one tensor `rows` `(R, C)` with the level table `(R, m)` of each row: the
-    quantizer, the values flat, the levels (closed-form rounding for uniform levels, `evenly_spaced`; searched
-    otherwise). What a per-tensor hook runs, so that it rounds as the flat step does."""
-    quantizer, flat = _on_rows(rows, _config_of(levels, evenly_spaced))
-    return quantizer, flat, levels_of_table(levels, evenly_spaced, quantizer.layout)
+    quantizer, the values flat, the levels (closed-form rounding for uniform levels, `evenly_spaced`, on the
+    integer grid of learned steps with `integer`; searched otherwise). What a per-tensor hook runs, so that it
+    rounds as the flat step does."""
+    quantizer, flat = _on_rows(rows, _config_of(levels, evenly_spaced, integer))
+    return quantizer, flat, levels_of_table(levels, evenly_spaced, quantizer.layout, integer)
 
 
-def hard_quantize(rows: Tensor, levels: Tensor, out: Tensor | None = None, evenly_spaced: bool = False) -> Tensor:
+def hard_quantize(rows: Tensor, levels: Tensor, out: Tensor | None = None, evenly_spaced: bool = False,
+                  integer: bool = False) -> Tensor:
     """Nearest level of every weight of `rows` `(R, C)` in its row's table `(R, m)` (a tie goes down), written into
     `out` when given: the closed form for uniform levels (`evenly_spaced`, as a uniform quantizer's hook must
-    say), the search otherwise."""
-    quantizer, flat, flat_levels = rows_quantizer(rows, levels, evenly_spaced)
+    say; `integer` for the grid of learned steps), the search otherwise."""
+    quantizer, flat, flat_levels = rows_quantizer(rows, levels, evenly_spaced, integer)
     result = quantizer.hard_quantize(flat, flat_levels).view_as(rows)
     return result if out is None else out.copy_(result)
 
 
-def level_indices(rows: Tensor, levels: Tensor, evenly_spaced: bool = False) -> Tensor:
+def level_indices(rows: Tensor, levels: Tensor, evenly_spaced: bool = False, integer: bool = False) -> Tensor:
     """Integer index of the nearest level of every weight of `rows` `(R, C)`, int64 (a tie goes down)."""
-    quantizer, flat, flat_levels = rows_quantizer(rows, levels, evenly_spaced)
+    quantizer, flat, flat_levels = rows_quantizer(rows, levels, evenly_spaced, integer)
     return quantizer.indices(flat, flat_levels).long().view_as(rows)
 
 

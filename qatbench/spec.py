@@ -107,6 +107,17 @@ class RunSpec:
                         flag="--fsdp", sweep=True, identity=True, omit_default=True)
     processes: int = option(1, "processes that train the run together (DDP, FSDP): set from --nproc, torchrun or "
                                "--gpus-per-run", identity=True, omit_default=True, ge=1)
+    act_bits: int | None = option(None, "quantize the input of every quantized layer to A bits too (per tensor, on a "
+                                        "learned step; none: weights only)", flag="--act-bits", sweep=True, ge=1,
+                                  le=MAX_BITS, metavar="A")
+    scale: Literal["estimated", "learned"] = option(
+        "estimated", "the weights' quantization steps: estimated from the weights, or learned (LSQ)", flag="--scale",
+        sweep=True)
+    scale_init: Literal["method", "lsq", "3std"] = option(
+        "method", "where learned steps start: LSQ's 2 mean|x| / sqrt(Q_P), TALR's 3 std(x) (method: the method's "
+                  "choice)", flag="--scale-init", sweep=True)
+    scale_lr: float | None = option(None, "learning rate of the learned steps (none: the method's, TALR 0.01; else the "
+                                          "recipe's)", flag="--scale-lr", sweep=True, gt=0)
 
 
 def make_spec(values: dict[str, Any], owner: str, noun: str = "option", cls: type = RunSpec) -> RunSpec:
@@ -154,8 +165,19 @@ class ResolvedRun:
         return bits_label(self.bits)
 
     @property
+    def act_bits(self) -> int | None:
+        """The activations' bit width (None: weights only)."""
+        return self.task.act_bits
+
+    @property
+    def identity_activations(self) -> dict[str, Any]:
+        """What the identity says of the quantized activations: bits, form, where steps start, trained or not."""
+        return self.base_identity["activations"]
+
+    @property
     def label(self) -> str:
-        return f"{self.task.name} {self.method_cls.name} b{self.bits_text} s{self.spec.seed}"
+        activations = f"a{self.act_bits}" if self.act_bits else ""
+        return f"{self.task.name} {self.method_cls.name} b{self.bits_text}{activations} s{self.spec.seed}"
 
 
 def resolve_device(text: str) -> torch.device:
@@ -184,12 +206,22 @@ def resolve(spec: RunSpec) -> ResolvedRun:
     task, recipe = _task_and_recipe(spec, task_cls)
     if method_cls.quantizes and spec.bits is None:
         raise QatbenchError(f"method {spec.method!r} quantizes: give --bits (1..8 or T)")
-    scheme = check_choice("quantizer scheme", spec.scheme or task.default_scheme, ("uniform", "lsbq"))
+    default_scheme = "uniform" if spec.scale == "learned" else task.default_scheme  # LSQ's grid is uniform
+    scheme = check_choice("quantizer scheme", spec.scheme or default_scheme, ("uniform", "lsbq"))
     granularity = check_choice("granularity", spec.granularity or task.default_granularity, ("channel", "tensor"))
     bits = spec.bits if method_cls.quantizes else FP_DIAGNOSTIC_BITS
-    quantizer = QuantizerConfig(bits=bits, scheme=scheme, granularity=granularity)
+    scale = spec.scale if method_cls.quantizes else "estimated"
+    if scale not in method_cls.step_sizes:
+        able = [name for name in METHODS.names() if "learned" in METHODS.get(name).step_sizes]
+        raise QatbenchError(f"method {spec.method!r} cannot learn its steps (--scale learned): its levels come from "
+                            f"its own quantizer, estimated from the weights; methods that learn them: {', '.join(able)}")
+    step_init = method_cls.default_scale_init if spec.scale_init == "method" else spec.scale_init
+    quantizer = QuantizerConfig(bits=bits, scheme=scheme, granularity=granularity, scale=scale, step_init=step_init)
+    task.act_bits = spec.act_bits if method_cls.quantizes else None  # the full-precision baseline stays so
     if spec.fsdp:
         _check_shardable(method_cls, task, granularity, spec.compile, spec.processes)
+        if task.act_bits or scale == "learned":
+            raise QatbenchError("--fsdp with --act-bits or --scale learned is not supported yet")
     device = resolve_device(spec.device)
     init = _checkpoint_identity(spec.init) if spec.init else None
     identity = {
@@ -199,13 +231,33 @@ def resolve(spec: RunSpec) -> ResolvedRun:
         "task_config": dataclasses.asdict(task.config),
         "recipe": spec.recipe,
         "recipe_config": dataclasses.asdict(recipe),
-        "quantizer": dataclasses.asdict(quantizer),
+        "quantizer": quantizer.identity(),
         "seed": spec.seed,
         "device_type": device.type,
         "init": init,
         **identity_values(spec, IdentityContext(device.type, recipe)),
+        **_learned_steps(spec, method_cls, task, scale),
     }
     return ResolvedRun(spec, method_cls, method_config, task, recipe, quantizer, device, identity)
+
+
+def _learned_steps(spec: RunSpec, method_cls: type[Method], task: Task, scale: str) -> dict[str, Any]:
+    """The identity's account of quantized activations (`activations`: bits, the quantizer's form, where its step
+    starts, whether it is trained or calibrated after training) and of learned steps (`steps`: their learning rate
+    and momentum, None: the recipe's; whether the weights' steps are learned, frozen or estimated), present only
+    where a run has them. TALR's unscaled form of LSQ needs a normalization after each layer to absorb the scale it
+    leaves out: on a task without one the activations take LSQ's form."""
+    act_bits = task.act_bits
+    if not act_bits and scale != "learned":
+        return {}
+    init = method_cls.default_scale_init if spec.scale_init == "method" else spec.scale_init
+    steps = {"lr": spec.scale_lr or method_cls.default_scale_lr, "momentum": method_cls.scale_momentum,
+             "weights": "learned" if scale == "learned" and not method_cls.freezes_weight_steps else
+             "frozen" if scale == "learned" else "estimated"}
+    form = method_cls.activation_form if method_cls.activation_form != "talr" or task.normalized_layers else "lsq"
+    activations = {"activations": {"bits": act_bits, "form": form, "init": init,
+                                   "trained": method_cls.trains_activation_steps}} if act_bits else {}
+    return {**activations, "steps": steps}
 
 
 def _task_and_recipe(spec: RunSpec, task_cls: type[Task]) -> tuple[Task, Recipe]:
@@ -291,6 +343,11 @@ def _recorded_spec(identity: Any, device: str, quantizes: bool) -> RunSpec:
                       "bits": quantizer.get("bits") if quantizes else None, "recipe": identity["recipe"],
                       "method_args": identity["method_config"], "task_args": identity["task_config"],
                       "scheme": quantizer.get("scheme"), "granularity": quantizer.get("granularity"),
+                      "scale": quantizer.get("scale", "estimated"),
+                      "act_bits": (identity.get("activations") or {}).get("bits"),
+                      "scale_init": quantizer.get("step_init") or (identity.get("activations") or {}).get("init")
+                      or "method",
+                      "scale_lr": (identity.get("steps") or {}).get("lr"),
                       "epochs": recipe.get("epochs"), "batch_size": recipe.get("batch_size"), "lr": recipe.get("lr"),
                       "device": device}, "recorded run")
 
@@ -312,7 +369,7 @@ def resolve_identity(identity: Any, device: str = "cpu") -> ResolvedRun:
     method_cls = _plugin(METHODS, _check_identity(identity)["method"])
     run = resolve(_recorded_spec(identity, device, method_cls.quantizes))
     _check_recorded(identity, run.base_identity, ("method_config", "task_config", "recipe_config", "quantizer",
-                                                  "precision"))
+                                                  "precision", *(k for k in ("activations", "steps") if k in identity)))
     run.base_identity.update(device_type=identity.get("device_type"), init=identity.get("init"))
     for key in identity_fields(RunSpec):
         if key in identity:
@@ -327,6 +384,7 @@ def resolve_task(identity: Any, device: str = "cpu") -> tuple[Task, Recipe, RunS
     (which evaluating the run's exported weights does not need: a plugin method's export evaluates without it)."""
     spec = _recorded_spec(_check_identity(identity), device, quantizes=False)
     task, recipe = _task_and_recipe(spec, _plugin(TASKS, spec.task))
+    task.act_bits = spec.act_bits
     _check_recorded(identity, {"task_config": dataclasses.asdict(task.config),
                                "recipe_config": dataclasses.asdict(recipe)}, ("task_config", "recipe_config"))
     return task, recipe, spec

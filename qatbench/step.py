@@ -21,6 +21,7 @@ import torch
 from .distributed import World, reduce_tensor_
 from .errors import QatbenchError
 from .export import check_fits, load_export
+from .activations import attach, is_step
 from .method import Method
 from .sharding import gradient_sync_paused, shard_model
 from .spec import ResolvedRun
@@ -102,7 +103,7 @@ def build_training(run: ResolvedRun, steps_per_epoch: int, method_generator: tor
     the ranks' parts of the global batch), while probes go through the model itself; with `--fsdp` the model
     is sharded (FSDP2) before the optimizer and the method see its parameters."""
     prepare_device(run)
-    model = run.task.build_model().to(run.device)
+    model = build_model(run)
     if run.spec.init:
         _load_init(model, run.spec.init, run.task.name, run.device)
     if run.spec.channels_last:  # before the optimizer and the method: it changes the weights' memory format
@@ -110,10 +111,10 @@ def build_training(run: ResolvedRun, steps_per_epoch: int, method_generator: tor
     if run.spec.fsdp:
         quantized = [name for name, p in model.named_parameters() if run.task.is_quantized(name, p)]
         shard_model(model, run.task.shard_units(model), quantized, world, run.device)
-    optimizer = run.recipe.make_optimizer(run.task.param_groups(model))
+    optimizer = run.recipe.make_optimizer(param_groups(run, model))
     total_steps = run.recipe.epochs * steps_per_epoch
-    scheduler = run.recipe.make_scheduler(optimizer, steps_per_epoch)
     method = run.method_cls(run.method_config, optimizer, run.quantizer, total_steps, method_generator)
+    scheduler = run.recipe.make_scheduler(optimizer, steps_per_epoch)  # after the method's groups are there
     probe_loss = loss_function(run, model)
     micro_batch = run.spec.micro_batch
     if not world.distributed:
@@ -125,6 +126,36 @@ def build_training(run: ResolvedRun, steps_per_epoch: int, method_generator: tor
         model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     return Training(model, loss_function(run, ddp), method, scheduler, steps_per_epoch, total_steps, probe_loss,
                     micro_batch, ddp.no_sync)
+
+
+def build_model(run: ResolvedRun) -> torch.nn.Module:
+    """The task's model on the run's device, with an input quantizer on each layer whose input the task quantizes
+    when the run quantizes activations (`qatbench.activations`; off until calibrated for a method that does not
+    train them)."""
+    model = run.task.build_model().to(run.device)
+    if run.act_bits:
+        activations = run.identity_activations
+        for quantizer in attach(run.task.activation_inputs(model), run.act_bits, activations["form"],
+                                activations["init"]):
+            quantizer.enabled = activations["trained"]
+    return model
+
+
+def param_groups(run: ResolvedRun, model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The task's parameter groups, and where the run learns steps, a group of its own for them (the activations'
+    steps; a method that learns the weights' steps adds them): no weight decay, the learning rate and momentum the
+    run's identity says (`steps`; None: the recipe's)."""
+    steps = [p for name, p in model.named_parameters() if is_step(name)]
+    ids = {id(p) for p in steps}
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in run.task.param_groups(model)]
+    groups = [g for g in groups if g["params"]]
+    settings = run.base_identity.get("steps")
+    if settings is None:
+        return groups
+    own = {key: settings[key] for key in ("lr", "momentum") if settings[key] is not None}
+    if run.recipe.optimizer != "sgd":
+        own.pop("momentum", None)
+    return [*groups, {"params": steps, "scales": True, "weight_decay": 0.0, **own}]
 
 
 def micro_batches(inputs: torch.Tensor, targets: torch.Tensor,

@@ -155,11 +155,12 @@ def check_batches(task: str, data: Any) -> None:
                                 "the device) or DeviceLoader (a DataLoader over an EpochBatchSampler)")
 
 
-def published(task: str) -> dict[str, Any]:
-    """The papers' numbers for `task` from `tasks/references.yaml`: {"source", "fp", "rows": {method: {bits: text}}},
-    or {} when none are known."""
+def published(task: str) -> list[dict[str, Any]]:
+    """The papers' numbers for `task` from `tasks/references.yaml`, one entry per paper: {"source", "fp", "rows":
+    {method: {column: text}}} (a column is a bit width, or "W/A" such as "2/2"); [] when none are known."""
     text = importlib.resources.files("qatbench.tasks").joinpath("references.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text).get(task, {})
+    entry = yaml.safe_load(text).get(task, [])
+    return [entry] if isinstance(entry, dict) else list(entry)
 
 
 class Task(ABC):
@@ -172,9 +173,13 @@ class Task(ABC):
     recipes: ClassVar[dict[str, Recipe]] = {}
     default_granularity: ClassVar[str] = "channel"
     default_scheme: ClassVar[str] = "uniform"
+    # every layer whose input is quantized is followed by a normalization (BatchNorm) that absorbs a constant scale
+    # of its output, so an activation quantizer may leave its output unscaled (TALR's modified LSQ)
+    normalized_layers: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         self.config = config
+        self.act_bits: int | None = None  # the run's activation bit width (None: weights only), set as it resolves
 
     @abstractmethod
     def build_model(self) -> nn.Module:
@@ -220,6 +225,12 @@ class Task(ABC):
             problems.append("its Config must be a dataclass")
         if problems:
             raise QatbenchError(f"task class {cls.__qualname__}: " + "; ".join(problems))
+
+    def activation_inputs(self, model: nn.Module) -> list[tuple[nn.Module, bool]]:
+        """The layers whose input is quantized when the run quantizes activations, each with whether that input
+        can be negative (signed) or not (after a ReLU); the task's docstring says which and why."""
+        raise QatbenchError(f"task {self.name!r} does not quantize activations (--act-bits): it names no layers "
+                            "whose input to quantize")
 
     def shard_units(self, model: nn.Module) -> list[nn.Module] | None:
         """The modules that FSDP2 shards one by one under `--fsdp` (their parameters all-gathered together for

@@ -1,7 +1,8 @@
-"""CIFAR-10 with the CIFAR ResNets of He et al. (2016): ResNet-20 and ResNet-56."""
+"""CIFAR-10 and CIFAR-100 with the CIFAR ResNets of He et al. (2016): ResNet-20 and ResNet-56."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 from pathlib import Path
@@ -18,9 +19,25 @@ from qatbench.registry import TASKS
 from qatbench.batches import TensorBatches
 from qatbench.task import Recipe, Task, TaskData
 
-TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
-TEST_FILES = ["test_batch"]
-NUM_CLASSES = 10
+@dataclasses.dataclass(frozen=True)
+class CifarLayout:
+    """Where a CIFAR data set's python version keeps its batches, and what they hold."""
+
+    name: str
+    folder: str  # the archive's folder
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    label_key: bytes
+    classes: int
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (*self.train, *self.test)
+
+
+CIFAR10 = CifarLayout("CIFAR-10", "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
+                      ("test_batch",), b"labels", 10)
+CIFAR100 = CifarLayout("CIFAR-100", "cifar-100-python", ("train",), ("test",), b"fine_labels", 100)
 
 # What pickled numpy arrays refer to (CIFAR's own files: Python 2 cPickle of numpy 1.x arrays;
 # files rewritten by numpy 2 with protocols 2 to 5); nothing else may be constructed.
@@ -126,48 +143,52 @@ def channel_statistics(images: Tensor) -> tuple[Tensor, Tensor]:
     return torch.stack(means).float()[:, None, None], torch.stack(stds).float()[:, None, None]
 
 
-def read_cifar_batches(folder: Path, names: list[str]) -> tuple[Tensor, Tensor]:
-    """Images `(N, 3, 32, 32)` uint8 and labels `(N,)` int64 from CIFAR-10 python pickle batches."""
+def read_cifar_batches(folder: Path, names: list[str] | tuple[str, ...],
+                       layout: CifarLayout = CIFAR10) -> tuple[Tensor, Tensor]:
+    """Images `(N, 3, 32, 32)` uint8 and labels `(N,)` int64 from CIFAR python pickle batches."""
     images, labels = [], []
     for name in names:
-        batch_images, batch_labels = _read_batch(folder / name)
+        batch_images, batch_labels = _read_batch(folder / name, layout)
         images.append(batch_images)
         labels.append(batch_labels)
     return torch.cat(images), torch.cat(labels)
 
 
-def _read_batch(path: Path) -> tuple[Tensor, Tensor]:
-    """One checked batch: `data` a uint8 array of N x 3072 pixels, `labels` N class indices in [0, 10)."""
+def _read_batch(path: Path, layout: CifarLayout) -> tuple[Tensor, Tensor]:
+    """One checked batch: `data` a uint8 array of N x 3072 pixels, its labels N class indices in [0, classes)."""
+    what = f"{layout.name} python batch"
     try:
         batch = _BatchUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
     except OSError as err:
         raise QatbenchError(f"cannot read {path}: {err.strerror or err}") from None
     except Exception as err:  # a garbled pickle raises anything from UnpicklingError to ValueError
-        raise QatbenchError(f"{path} is not a CIFAR-10 python batch ({type(err).__name__}: {err})") from None
+        raise QatbenchError(f"{path} is not a {what} ({type(err).__name__}: {err})") from None
     import numpy
 
     data = batch.get(b"data") if isinstance(batch, dict) else None
-    batch_labels = batch.get(b"labels") if isinstance(batch, dict) else None
+    batch_labels = batch.get(layout.label_key) if isinstance(batch, dict) else None
     if not isinstance(data, numpy.ndarray) or data.dtype != numpy.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise QatbenchError(f"{path} is not a CIFAR-10 python batch: its b'data' is not a uint8 array of N x 3072")
+        raise QatbenchError(f"{path} is not a {what}: its b'data' is not a uint8 array of N x 3072")
     if not isinstance(batch_labels, list) or not all(type(v) is int for v in batch_labels):
-        raise QatbenchError(f"{path} is not a CIFAR-10 python batch: its b'labels' is not a list of integers")
+        raise QatbenchError(f"{path} is not a {what}: its {layout.label_key!r} is not a list of integers")
     labels = torch.tensor(batch_labels, dtype=torch.long)
-    check_labels(path, labels, len(data), NUM_CLASSES)
+    check_labels(path, labels, len(data), layout.classes)
     return torch.from_numpy(data.copy()).reshape(-1, 3, 32, 32), labels
 
 
-def write_cifar_batches(folder: Path, images: Tensor, labels: Tensor, test_size: int) -> Path:
-    """Write `images` `(N, 3, 32, 32)` uint8 and `labels` as CIFAR-10's python layout:
-    `folder/cifar-10-batches-py/data_batch_1..5` (the first N - test_size, split in five)
-    and `test_batch` (the last test_size). The inverse of `read_cifar_batches`."""
-    batches = folder / "cifar-10-batches-py"
+def write_cifar_batches(folder: Path, images: Tensor, labels: Tensor, test_size: int,
+                        layout: CifarLayout = CIFAR10) -> Path:
+    """Write `images` `(N, 3, 32, 32)` uint8 and `labels` in a CIFAR python layout: CIFAR-10's
+    `folder/cifar-10-batches-py/data_batch_1..5` (the first N - test_size, split in five) and `test_batch` (the
+    last test_size); CIFAR-100's `folder/cifar-100-python/train` and `test`. The inverse of `read_cifar_batches`."""
+    batches = folder / layout.folder
     batches.mkdir(parents=True, exist_ok=True)
     train = len(labels) - test_size
-    bounds = [round(i * train / 5) for i in range(6)]
-    parts = [(f"data_batch_{i + 1}", slice(bounds[i], bounds[i + 1])) for i in range(5)]
-    for name, part in parts + [("test_batch", slice(train, None))]:
-        record = {b"batch_label": name.encode(), b"labels": labels[part].tolist(),
+    count = len(layout.train)
+    bounds = [round(i * train / count) for i in range(count + 1)]
+    parts = [(name, slice(bounds[i], bounds[i + 1])) for i, name in enumerate(layout.train)]
+    for name, part in parts + [(layout.test[0], slice(train, None))]:
+        record = {b"batch_label": name.encode(), layout.label_key: labels[part].tolist(),
                   b"data": images[part].reshape(-1, 3072).numpy()}
         with open(batches / name, "wb") as f:
             pickle.dump(record, f)
@@ -175,12 +196,14 @@ def write_cifar_batches(folder: Path, images: Tensor, labels: Tensor, test_size:
 
 
 class CifarTask(Task):
-    """CIFAR-10 (python pickle batches) with a CIFAR ResNet; option-A shortcuts (no parameters).
+    """CIFAR (python pickle batches) with a CIFAR ResNet; option-A shortcuts (no parameters).
 
     Every convolution and the final linear weight are quantized, the first convolution
     included, as in the PARQ reference (every parameter named `weight` except norms),
     per tensor with LSBQ levels by default (the reference's CIFAR script); biases and
-    BatchNorm stay full precision, without weight decay. The whole data set lives on the run's
+    BatchNorm stay full precision, without weight decay. With `--act-bits A` (TALR's setting,
+    and PARQ's W/A practice) the first convolution and the last linear stay full precision, and
+    the input of every other convolution (after a ReLU: unsigned) is quantized. The whole data set lives on the run's
     device as uint8; each training batch is padded by 4, randomly cropped to 32x32 and
     flipped on the device, then normalized by the training split's per-channel mean
     and standard deviation.
@@ -192,6 +215,8 @@ class CifarTask(Task):
 
     Config = NoConfig
     depth: ClassVar[int] = 20
+    layout: ClassVar[CifarLayout] = CIFAR10
+    normalized_layers = True  # every convolution is followed by BatchNorm
     default_scheme = "lsbq"  # the PARQ paper's CIFAR runs: greedy LSBQ levels, per tensor
     default_granularity = "tensor"
     recipes = {
@@ -207,34 +232,41 @@ class CifarTask(Task):
         problem: each class brightens one colour channel of random pixels."""
         n = 5 * per_batch + test_size
         generator = torch.Generator().manual_seed(seed)
-        labels = torch.randint(0, NUM_CLASSES, (n,), generator=generator)
+        labels = torch.randint(0, cls.layout.classes, (n,), generator=generator)
         images = torch.randint(0, 256, (n, 3, 32, 32), generator=generator, dtype=torch.uint8)
         for i, label in enumerate(labels.tolist()):
             images[i, label % 3] = images[i, label % 3] // 4 + 190
-        return write_cifar_batches(folder, images, labels, test_size)
+        return write_cifar_batches(folder, images, labels, test_size, cls.layout)
 
     def build_model(self) -> nn.Module:
-        return CifarResNet(self.depth)
+        return CifarResNet(self.depth, self.layout.classes)
 
     def is_quantized(self, name: str, parameter: nn.Parameter) -> bool:
+        if self.act_bits and name in ("conv1.weight", "fc.weight"):  # W/A: first and last layer in full precision
+            return False
         return name.endswith("weight") and parameter.dim() > 1
 
-    @staticmethod
-    def _download(target: Path) -> None:
+    def activation_inputs(self, model: nn.Module) -> list[tuple[nn.Module, bool]]:
+        return [(m, False) for m in model.modules() if isinstance(m, nn.Conv2d) and m is not model.conv1]
+
+    def _download(self, target: Path) -> None:
         import torchvision.datasets
 
-        torchvision.datasets.CIFAR10(root=str(target), train=True, download=True)
+        dataset = torchvision.datasets.CIFAR10 if self.layout is CIFAR10 else torchvision.datasets.CIFAR100
+        dataset(root=str(target), train=True, download=True)
 
     def locate_data(self, data_root, download) -> DataSource:
-        folder = locate("CIFAR-10", TRAIN_FILES + TEST_FILES, ("cifar-10-batches-py", "cifar10/cifar-10-batches-py"),
-                        data_root, "Put the python version of CIFAR-10 (folder cifar-10-batches-py) under --data-root, "
-                        "or let torchvision download it (needs internet).", self._download if download else None)
-        return DataSource("CIFAR-10", folder, tuple(folder / name for name in TRAIN_FILES + TEST_FILES))
+        layout = self.layout
+        folder = locate(layout.name, list(layout.files), (layout.folder, f"{layout.name.lower()}/{layout.folder}"),
+                        data_root, f"Put the python version of {layout.name} (folder {layout.folder}) under "
+                        "--data-root, or let torchvision download it (needs internet).",
+                        self._download if download else None)
+        return DataSource(layout.name, folder, tuple(folder / name for name in layout.files))
 
     def load_data(self, source, device, batch_size, generator) -> TaskData:
         folder = source.root
-        train_x, train_y = read_cifar_batches(folder, TRAIN_FILES)
-        test_x, test_y = read_cifar_batches(folder, TEST_FILES)
+        train_x, train_y = read_cifar_batches(folder, self.layout.train, self.layout)
+        test_x, test_y = read_cifar_batches(folder, self.layout.test, self.layout)
         train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
         mean, std = channel_statistics(train_x)
 
@@ -266,3 +298,11 @@ class Cifar10ResNet20(CifarTask):
 class Cifar10ResNet56(CifarTask):
     __doc__ = "ResNet-56 (0.85M parameters). " + CifarTask.__doc__
     depth = 56
+
+
+@TASKS.register("cifar100-resnet20")
+class Cifar100ResNet20(CifarTask):
+    __doc__ = ("CIFAR-100 (its 100 fine labels), ResNet-20 (0.28M parameters); TALR's headline task. "
+               + CifarTask.__doc__)
+    depth = 20
+    layout = CIFAR100

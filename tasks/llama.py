@@ -151,7 +151,8 @@ class LlamaTask(Task):
     the device as a flat token tensor, tokenized once and cached. Quantized per channel:
     the q/k/v/o projections and the gate/up/down MLP matrices of every layer; the
     embedding, the norms and the output head stay full precision (task options
-    `quantize_embeddings`, `quantize_head`). Recipes: AdamW (betas 0.9/0.95, wd 0.1),
+    `quantize_embeddings`, `quantize_head`). With `--act-bits A`, the input of every quantized block
+    linear is quantized too, signed (FOGZO's W/A LLaMA). Recipes: AdamW (betas 0.9/0.95, wd 0.1),
     linear warm-up, cosine decay to 10% of the peak, gradient clipping at 1.0, bf16
     autocast on CUDA; `smoke` is 20 steps of batch 8.
     """
@@ -218,6 +219,12 @@ class LlamaTask(Task):
             return True
         return (self.config.quantize_embeddings and name.endswith("embed_tokens.weight")) or \
             (self.config.quantize_head and name == "lm_head.weight")
+
+    def activation_inputs(self, model: nn.Module) -> list[tuple[nn.Module, bool]]:
+        """The input of every quantized block linear (FOGZO's W/A LLaMA: embeddings and head in full precision),
+        signed (RMSNorm outputs, attention outputs, the MLP's gated product)."""
+        names = tuple(name.removesuffix(".weight") for name in BLOCK_WEIGHTS)
+        return [(module, True) for name, module in model.named_modules() if name.endswith(names)]
 
     def shard_units(self, model: nn.Module) -> list[nn.Module]:
         return list(model.model.layers)  # one FSDP unit per decoder layer; the root holds embeddings and head

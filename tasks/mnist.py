@@ -34,7 +34,9 @@ class MLPTask(Task):
     """`Linear(784, hidden) -> ReLU -> Linear(hidden, 10)` on 28x28 grey images.
 
     Every linear weight is quantized (first and last layer included, as in FOGZO's
-    experiment); biases stay full precision. Inputs are standardized with the
+    experiment); biases stay full precision. With `--act-bits A` the input of both layers is
+    quantized too: the first layer's (the standardized image) signed, the second's (after the
+    ReLU) unsigned. Inputs are standardized with the
     training split's own mean and standard deviation. The whole data set lives on
     the run's device as float32 tensors (60,000 x 784 x 4 bytes = 188 MB).
 
@@ -75,6 +77,9 @@ class MLPTask(Task):
 
     def is_quantized(self, name: str, parameter: nn.Parameter) -> bool:
         return name.endswith("weight")
+
+    def activation_inputs(self, model: nn.Module) -> list[tuple[nn.Module, bool]]:
+        return [(model[1], True), (model[3], False)]
 
     def _download(self, target: Path) -> None:
         import torchvision.datasets

@@ -32,6 +32,15 @@ def test_two_gloo_ranks_train_what_one_process_trains(idx_root, isolated_data_en
     assert all(r.spec["processes"] == 2 and r.command.endswith("--nproc 2") for r in two)  # re-creates the run
 
 
+def test_two_gloo_ranks_train_learned_steps_as_one_process_does(idx_root, isolated_data_env, tmp_path):
+    argv = ["run", "--method", "ste", "talr", *MLP, "--bits", "2", "--act-bits", "2", "--scale", "learned",
+            "--data-root", str(idx_root)]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    code, output = _torchrun([*argv, "--out", str(tmp_path / "two")])
+    assert code == 0, output
+    assert_same_training(tmp_path / "one", tmp_path / "two")  # the first batch's activation steps: every rank's
+
+
 def test_the_recorded_command_says_how_many_processes_ran():
     argv = ["run", "--method", "ste", "--task", "mnist-mlp"]
     assert _command(argv, World()) == "qatbench run --method ste --task mnist-mlp"

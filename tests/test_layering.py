@@ -10,7 +10,7 @@ LAYERS = [  # bottom to top
     ("foundations", {"__init__", "errors", "params", "options", "atomic", "registry", "distributed", "signals", "stats",
                      "schedules", "opcount"}),
     ("data", {"data", "fingerprint", "text", "batches"}),
-    ("quantizer and contracts", {"flat", "quant", "sharding", "method", "task", "diagnostics"}),
+    ("quantizer and contracts", {"flat", "quant", "activations", "sharding", "method", "task", "diagnostics"}),
     ("records and reports", {"results", "checkpoint", "export", "locks", "progress", "system", "plots", "leaderboard",
                              "compare", "status"}),
     ("one run", {"spec", "step", "clock", "finish", "loop", "harness"}),

@@ -62,11 +62,13 @@ EXTRA = {  # what makes a method's resume interesting: its schedule or level ref
     "ste": QUANT_PERIOD, "binaryrelax": (*QUANT_PERIOD, *ANNEAL), "parq": (*QUANT_PERIOD, *ANNEAL),
     "fogzo": QUANT_PERIOD, "nspsa": (*QUANT_PERIOD, "--lr", "0.001"),
 }
-CASES = [(name, EXTRA.get(name, ())) for name in METHODS.names()] + [  # every registered method, and AProx
-    ("parq", ("--method-arg", "slope_schedule=aprox", "--method-arg", "quant_shrink=true", "--lr", "0.1"))]
+CASES = [(name, EXTRA.get(name, ())) for name in METHODS.names()] + [  # every registered method, and AProx,
+    ("parq", ("--method-arg", "slope_schedule=aprox", "--method-arg", "quant_shrink=true", "--lr", "0.1")),
+    ("ste", ("--scale", "learned", "--act-bits", "2")),  # LSQ: learned steps of weights and activations
+    ("talr", ("--scale", "learned", "--act-bits", "2"))]  # TALR's own setting
 
 
-@pytest.mark.parametrize("method, extra", CASES, ids=[*METHODS.names(), "parq-aprox"])
+@pytest.mark.parametrize("method, extra", CASES, ids=[*METHODS.names(), "parq-aprox", "lsq-w2a2", "talr-w2a2"])
 def test_every_method_resumes_bit_identically_after_sigkill(method, extra, idx_root, isolated_data_env, tmp_path):
     argv = ["run", "--method", method, *MLP, "--data-root", str(idx_root), *extra]
     if METHODS.get(method).quantizes:
