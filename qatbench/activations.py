@@ -41,33 +41,48 @@ def round_down_ties(u: Tensor) -> Tensor:
     return (u - 0.5).ceil()
 
 
-def _straight_through(exact: Tensor, surrogate: Tensor) -> Tensor:
-    """`exact` in the forward pass, `surrogate`'s gradient in the backward pass."""
-    return surrogate + (exact - surrogate).detach()
-
-
-def scaled_gradient(value: Tensor, scale: float) -> Tensor:
-    """`value` in the forward pass, its gradient times `scale` in the backward pass (LSQ's `grad_scale`)."""
-    return _straight_through(value, value * scale)
-
-
 def integer_range(bits: int, signed: bool) -> tuple[int, int]:
     """`(lowest, highest)` integer of a grid of `bits`: `(-2^(b-1), 2^(b-1) - 1)` signed, `(0, 2^b - 1)` not."""
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
+class _Quantize(torch.autograd.Function):
+    """LSQ's `round(clip(x / s, low, high)) * s`, or TALR's `round(clip(gamma x / s, low, high)) / gamma` (`gamma`
+    not None), with LSQ's gradients written out (a handful of elementwise kernels each way, where autograd through
+    the same formula would launch twice as many): `dx = g_out` strictly inside `(low, high)`, 0 at and beyond its
+    ends; LSQ `ds = grad_scale * sum g_out (round(u) - u)` inside, `low` or `high` at and beyond; TALR (`x_q = x/s`
+    to the straight-through estimator) `dx = g_out / s`, `ds = -grad_scale * sum g_out x / s^2` inside."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, low: int, high: int, gamma: float | None,  # type: ignore[override]
+                grad_scale: float) -> Tensor:
+        u = x / step if gamma is None else x * (gamma / step)
+        q = (u - 0.5).ceil_().clamp_(low, high)
+        ctx.save_for_backward(u, q, step)
+        ctx.low, ctx.high, ctx.gamma, ctx.grad_scale = low, high, gamma, grad_scale
+        return q * step if gamma is None else q.div(gamma)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        u, q, step = ctx.saved_tensors
+        inside = (u > ctx.low).logical_and_(u < ctx.high)
+        masked = grad * inside
+        if ctx.gamma is None:
+            slope = q.sub(u * inside)  # round(u) - u inside, the clipped end outside
+            step_grad = (grad * slope).sum() * ctx.grad_scale
+            return masked, step_grad.reshape(step.shape), None, None, None, None
+        step_grad = -(masked * u).sum() * (ctx.grad_scale / (ctx.gamma * step))
+        return masked.div_(step), step_grad.reshape(step.shape), None, None, None, None
+
+
 def lsq(x: Tensor, step: Tensor, low: int, high: int, gradient_scale: float) -> Tensor:
     """`round(clip(x / s, low, high)) * s` with LSQ's gradients (see the module's docstring)."""
-    step = scaled_gradient(step, gradient_scale)
-    u = torch.clamp(x / step, low, high)
-    return _straight_through(round_down_ties(u), u) * step
+    return _Quantize.apply(x, step, low, high, None, gradient_scale)
 
 
 def talr(x: Tensor, step: Tensor, low: int, high: int, gamma: float, gradient_scale: float) -> Tensor:
     """TALR's `round(clip(gamma x / s, low, high)) / gamma`, with the straight-through gradients."""
-    step = scaled_gradient(step, gradient_scale)
-    u = torch.clamp(gamma * x / step, low, high)
-    return _straight_through(round_down_ties(u), u) / gamma
+    return _Quantize.apply(x, step, low, high, gamma, gradient_scale)
 
 
 class ActivationQuantizer(nn.Module):
@@ -113,7 +128,7 @@ class ActivationQuantizer(nn.Module):
             return x
         if self.training and not self.ready:
             self.initialize(x)
-        scale = 1.0 / math.sqrt(x[0].numel() * self.high)
+        scale = 1.0 / math.sqrt(x.numel() // max(1, x.shape[0]) * self.high)  # N: the features of a sample
         step = self.step.to(x.dtype)
         if self.form == "lsq":
             return lsq(x, step, self.low, self.high, scale)

@@ -206,7 +206,7 @@ def bench(specs: list[RunSpec], steps: int = 50, warmup: int = 10, rounds: int =
         checkpoint_ms, checkpoint_mb = _checkpoint_cost(contender, data.train)
         ops = _step_ops(contender, stream)
         rows.append(BenchRow(
-            method=run.method_cls.name, bits=run.bits_text, step_ms=step_ms, ratio=step_ms / fp_ms, target=target,
+            method=run.method_cls.name, bits=run.bits_text + (f"/{run.act_bits}" if run.act_bits else ""), step_ms=step_ms, ratio=step_ms / fp_ms, target=target,
             state_mb=state / 2**20, state_ratio=state / fp_state,
             bytes_per_weight=(state - fp_state) / quantized if run.method_cls.quantizes and quantized else None,
             refresh_ms=_refresh_ms(contender), checkpoint_ms=checkpoint_ms, checkpoint_mb=checkpoint_mb,

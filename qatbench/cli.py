@@ -289,7 +289,11 @@ def _cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
         if getattr(args, name) < 1:
             raise QatbenchError(f"--{name} {getattr(args, name)} must be >= 1")
     methods = args.methods or METHODS.names()
-    specs = expand([args.task], _method_args(args, methods), [parse_bits(args.bits)], [0], **_run_options(args))
+    options = _run_options(args)
+    specs = expand([args.task], _method_args(args, methods), [parse_bits(args.bits)], [0], **options)
+    if options.get("act_bits"):  # the W+A step beside the weight-only one
+        weights_only = [dataclasses.replace(s, act_bits=None) for s in specs if METHODS.get(s.method).quantizes]
+        specs = [*weights_only, *(s for s in specs if METHODS.get(s.method).quantizes)]
     settings = make_settings(given(args, Settings))
     _check_writable(args.out)
     rows = bench(specs, args.steps, args.warmup, args.rounds, settings.data_root, settings.download)

@@ -209,8 +209,9 @@ class CifarTask(Task):
     and standard deviation.
 
     Recipes: `paper` as the PARQ paper (SGD 0.1, momentum 0.9, wd 2e-4, batch 128,
-    200 epochs, LR /10 at epochs 80, 120, 150); `short` 30 epochs with cosine decay;
-    `smoke` 20 steps at batch 32.
+    200 epochs, LR /10 at epochs 80, 120, 150); `talr` as the TALR paper (SGD 0.1, momentum 0.9,
+    wd 1e-4, batch 256, 400 epochs, cosine) and `talr-adam` its Adam rows (AdamW 1e-3); `short` 30
+    epochs with cosine decay; `smoke` 20 steps at batch 32.
     """
 
     Config = NoConfig
@@ -224,6 +225,10 @@ class CifarTask(Task):
         "short": Recipe(epochs=30, batch_size=128, lr=0.1, weight_decay=2e-4),
         "paper": Recipe(epochs=200, batch_size=128, lr=0.1, weight_decay=2e-4, lr_schedule="step",
                         milestones=(80, 120, 150)),
+        # TALR (Lee et al., ICCV 2025), its CIFAR setting: SGD lr 0.1, momentum 0.9, wd 1e-4, batch 256, 400 epochs
+        # (cosine); its Adam rows: lr 1e-3 (this project's reading; the paper's Adam weight decay is taken as 1e-4)
+        "talr": Recipe(epochs=400, batch_size=256, lr=0.1, weight_decay=1e-4),
+        "talr-adam": Recipe(epochs=400, batch_size=256, lr=1e-3, weight_decay=1e-4, optimizer="adamw"),
     }
 
     @classmethod

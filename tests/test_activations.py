@@ -129,3 +129,23 @@ def test_w2a2_runs_export_and_evaluate_to_their_records_bit_for_bit(idx_root, is
     exports = [str(out / r.task / r.export["file"]) for r in records]
     assert main(["eval", *exports, "--data-root", str(idx_root)]) == 0
     assert capsys.readouterr().out.count("bit for bit") == 9
+
+
+@pytest.mark.parametrize("form, forward, backward", [("lsq", 5, 9), ("talr", 7, 12)])
+def test_an_activation_quantizer_costs_a_constant_number_of_kernels(form, forward, backward):
+    """LSQ: forward div, sub, ceil, clamp, mul; backward two compares, an and, three products, a difference, a sum
+    over the activation, and one product of scalars. TALR: two more scalar operations forward (gamma / s), and its
+    step's gradient (-sum(g u) / (gamma s)) three more scalar ones backward."""
+    from qatbench.opcount import DispatchCounter
+
+    quantizer = ActivationQuantizer(2, signed=False, form=form)
+    quantizer(torch.rand(4, 8))  # initialized
+    x = torch.rand(4, 8, requires_grad=True)
+    counter = DispatchCounter()
+    with counter:
+        y = counter.during("forward", lambda: quantizer(x))
+        grad = torch.ones_like(y)
+        counter.during("backward", lambda: y.backward(grad))
+    assert counter.total("forward") == forward
+    data_ops = {k: v for k, v in counter.counts["backward"].items() if "detach" not in k and "view" not in k}
+    assert sum(data_ops.values()) == backward, data_ops
