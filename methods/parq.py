@@ -34,13 +34,10 @@ def parq_map(quantizer: Quantizer, latent: Tensor, levels: FlatLevels, inv_slope
 
     For `w` in its interval `[q_lo, q_hi]` of Q (below q_1 both ends are q_1, above q_m both are q_m):
     `p = clamp(c + (w - c) / rho, q_lo, q_hi)`, `c = (q_lo + q_hi) / 2`, in value units as the reference's
-    `ProxPARQ`. `rho = 1` is the identity inside `[q_1, q_m]` (a clamp outside; the affine form would round
-    it); `rho = 0` is hard quantization."""
+    `ProxPARQ`, with its arithmetic (at `rho = 1` too, where the affine form may round `w` by an ulp inside
+    `[q_1, q_m]`: the trajectories stay the reference's bit for bit); `rho = 0` is hard quantization."""
     if inv_slope == 0.0:
         return quantizer.hard_quantize(latent, levels, out=out)
-    if inv_slope == 1.0:
-        per_element = quantizer.layout.per_element
-        return torch.clamp(latent, per_element(levels.table[:, 0]), per_element(levels.table[:, -1]), out=out)
     q_lo, q_hi = quantizer.interval(latent, levels)
     return _relax_and_clamp(latent, q_lo, q_hi, max(inv_slope, torch.finfo(latent.dtype).tiny), out=out)
 

@@ -388,6 +388,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print("Methods:")
         for name in METHODS.names():
             _print_entry(name, METHODS.get(name))
+        for name, needs in sorted(METHODS.missing().items()):
+            print(f"  {name:<20} not installed: {needs}")
     if args.what in ("tasks", "all"):
         print("Tasks:")
         for name in TASKS.names():

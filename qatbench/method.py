@@ -257,6 +257,11 @@ class ProxMethod(Method):
         """The base optimizer's update of the latent weights (TALR rescales it per tensor)."""
         self.optimizer.step()
 
+    @property
+    def qat_started(self) -> bool:
+        """Whether QAT has started: the latent weights and their levels exist (`refresh_levels` may be called)."""
+        return self.latent_flat is not None
+
     def refresh_due(self, t: int) -> bool:
         """Whether to re-estimate the levels at QAT step t (TALR freezes them after the first); learned steps
         change every step."""

@@ -97,7 +97,7 @@ HOST_DATA = "aten.lift_fresh.default"  # a tensor made from Python data (on CUDA
 
 def count_refresh(method: Any) -> DispatchCounter | None:
     """The operations of one level refresh of every quantized tensor, or None without levels."""
-    if not hasattr(method, "refresh_levels") or getattr(method, "latent_flat", None) is None:
+    if not getattr(method, "qat_started", False):
         return None
     counter = DispatchCounter()
     with counter, torch.no_grad():

@@ -21,9 +21,11 @@ Level sets (after the PARQ reference `UnifQuantizer` / `LSBQuantizer`, MIT), per
   (`Quantizer.levels_of_steps`); the step starts at LSQ's `2 mean|w| / sqrt(Q_P)` or at TALR's
   `3 std(w)` divided by `2^(b-1)` (`initial_steps`).
 
-Means are sums accumulated in float64 divided by the row's length, then rounded once to the
-weights' dtype: as accurate as `torch.mean` (closer than a float32 running sum), whatever
-the layout. The step never falls below twice the dtype's smallest normal number, so a row of
+Means are segmented sums accumulated in float64 divided by the row's length, then rounded once
+to the weights' dtype: at least as accurate as `torch.mean`, whatever the layout. Float64
+weights take `torch.mean` per tensor, and LSBQ's level sums are added in the reference's order
+(per tensor in sequence, per channel one matrix product), so that float64 trajectories are the
+reference's to rounding (`tests/methods/test_reference.py`). The step never falls below twice the dtype's smallest normal number, so a row of
 zeros still has distinct levels.
 
 Rounding, one rule for every path: the nearest level; a weight exactly halfway between two
@@ -214,7 +216,7 @@ class Quantizer:
         device, dtype = layout.device, layout.dtype
         self.coefficients = grid_coefficients(self.m, dtype, device, config.integer_grid)
         self.signs = (torch.tensor(list(itertools.product((-1.0, 1.0), repeat=config.bits)), dtype=dtype,
-                                   device=device).T.contiguous() if config.bits != TERNARY else None)
+                                   device=device).T if config.bits != TERNARY else None)
         self.ternary_lsbq = torch.tensor([-1.0, 0.0, 1.0], dtype=dtype, device=device)
         ones = torch.ones(layout.numel, dtype=torch.float64, device=device)
         self.row_counts = layout.row_reduce(ones, "sum")  # float64
@@ -222,7 +224,12 @@ class Quantizer:
         self.row_start = layout.row_index().mul_(search_stride(self.m)) if config.scheme != "uniform" else None
 
     def _row_mean_abs(self, flat: Tensor) -> Tensor:
-        """`mean|w|` of every row: the sum accumulated in float64, divided, rounded once to the dtype."""
+        """`mean|w|` of every row, accumulated in float64 and rounded once to the dtype: one segmented float64 sum
+        over the buffer divided by the row lengths (a fixed number of operations however many tensors). Float64
+        weights have no wider accumulator: their rows take `torch.mean` tensor by tensor, bitwise the reference's
+        statistics (float64 is the dtype in which trajectories are checked against it, not one to train fast in)."""
+        if flat.dtype == torch.float64 and not self.layout.rows_span_ranks:
+            return torch.cat([rows.abs().mean(dim=1) for rows in self.layout.row_views(flat)])
         return (self.layout.row_reduce(flat.abs().double(), "sum") / self.row_counts).to(flat.dtype)
 
     def levels(self, latent: Tensor) -> FlatLevels:
@@ -266,7 +273,12 @@ class Quantizer:
             v = self._row_mean_abs(residual)
             residual.sub_(torch.where(residual >= 0, 1.0, -1.0).mul_(self.layout.per_element(v)))
             basis.append(v)
-        return (torch.stack(basis, dim=1) @ self.signs).sort(dim=1).values
+        basis = torch.stack(basis, dim=1)  # (R, b)
+        if self.layout.granularity == "tensor":  # a sum per level in order, as the reference's matrix-vector product
+            table = sum(basis[:, j, None] * self.signs[j] for j in range(self.config.bits))
+        else:  # the reference's matrix product, (R, b) @ (b, 2^b)
+            table = basis @ self.signs
+        return table.sort(dim=1).values
 
     # -- elementwise, whole-buffer operations ------------------------------------------------------
     def _search(self, values: Tensor, table: Tensor, outcomes: int) -> Tensor:

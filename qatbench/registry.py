@@ -42,6 +42,7 @@ class Registry(Generic[T]):
         self.kind = kind
         self.package = package  # also the entry-point group
         self._entries: dict[str, T] = {}
+        self._missing: dict[str, str] = {}  # names whose plugin needs something not installed: what to install
         self._discovered = False
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -63,8 +64,19 @@ class Registry(Generic[T]):
 
         return decorate
 
+    def unavailable(self, name: str, reason: str) -> None:
+        """Name a plugin that cannot be registered here (an optional extra is missing) and what it needs."""
+        self._missing[check_name(self.kind, name)] = reason
+
+    def missing(self) -> dict[str, str]:
+        """{name: what it needs} of the plugins that are known but not installed."""
+        self._discover()
+        return dict(self._missing)
+
     def get(self, name: str) -> T:
         self._discover()
+        if isinstance(name, str) and name not in self._entries and name in self._missing:
+            raise QatbenchError(f"{self.kind} {name!r} is not installed: {self._missing[name]}")
         if not isinstance(name, str) or name not in self._entries:
             raise QatbenchError(f"unknown {self.kind} {name!r}; {valid_choices(name, self._entries)}")
         return self._entries[name]

@@ -68,3 +68,26 @@ def test_a_plugin_that_fails_is_one_line_naming_file_line_and_error(source, mess
     assert main(["list", "methods", "--plugin", str(plugin)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"plugin file '{plugin}', {message}" in err, err
+
+
+def test_a_plugin_whose_extra_is_missing_is_listed_with_what_to_install(monkeypatch, capsys):
+    from qatbench.cli import main
+
+    registry = Registry("method", "qatbench.methods")
+    registry.unavailable("needs-extra", "pip install -e '.[extra]'")
+    assert registry.missing() == {"needs-extra": "pip install -e '.[extra]'"}
+    with pytest.raises(QatbenchError, match=r"method 'needs-extra' is not installed: pip install -e '\.\[extra\]'"):
+        registry.get("needs-extra")
+    monkeypatch.setattr(METHODS, "_missing", {**METHODS.missing(), "needs-extra": "pip install -e '.[extra]'"})
+    assert main(["list", "methods"]) == 0
+    assert "needs-extra          not installed: pip install -e '.[extra]'" in capsys.readouterr().out
+
+
+def test_without_torchao_the_reference_methods_say_how_to_get_them():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['torchao'] = None; from qatbench.cli import main; main(['list', 'methods'])"
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for name in ("torchao-ste", "torchao-binaryrelax", "torchao-parq"):
+        assert f"{name:<20} not installed: the PARQ authors' reference; pip install -e '.[ref]'" in printed

@@ -95,7 +95,7 @@ def test_before_anneal_start_no_map_is_applied_not_even_a_clamp(make_method):
         method.step()
         assert torch.equal(p.data, torch.tensor(w))  # -3.0 and 2.5 lie outside [q_1, q_m] = [-3, 3]... and stay
     set_grad(p, [[0.0, 0.0, 0.0, 0.0]])
-    method.step()  # t = 5: rho = 1 exactly, the identity inside [q_1, q_m] and a clamp outside it
+    method.step()  # t = 5: rho = 1 exactly, the affine map (exact on these values): the identity inside [q_1, q_m]
     assert torch.equal(p.data, torch.tensor(w))
     assert method.inverse_slope(5) == 1.0 and method.inverse_slope(4) == 1.0
 
