@@ -4,7 +4,12 @@ Every method trains the same model, built exactly as a run builds it (`build_tra
 on the same task in one process. After a warm-up, the step (forward + backward +
 `method.step` + `zero_grad`) is timed one step at a time, the methods taking turns in
 several rounds so that a slow moment of a shared machine spreads over all of them; the
-median is reported, with its ratio to the median FP step. Batches are drawn as they are
+median is reported, with its ratio to the median FP step and the spread of that ratio over the
+rounds (each round's median against the same round's FP median: min, median, max). A ratio
+meets its target only where its whole spread lies below it, misses where its whole spread lies
+above, and is "noisy: rerun" where the spread straddles it; the machine's load average before
+and after is recorded beside. A method with a peer (the PARQ authors' reference, `torchao-*`)
+is also compared with it, rule by rule, in the same way. Batches are drawn as they are
 used, never stockpiled. Memory: the bytes of the training state (parameters, gradients,
 optimizer and method state: latent weights, level tables), and on CUDA the peak
 allocated memory of a method's steps run alone, with nothing else of the bench alive.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
+import os
 import statistics
 import tempfile
 import time
@@ -32,12 +38,30 @@ from .errors import QatbenchError
 from .loop import Position, checkpoint_payload, rank_state
 from .step import Training, build_training, sync, train_step
 from .opcount import StepOps, base_step_ops, count_step, refresh_ops, use_foreach
-from .quant import as_rows, estimate_levels
 from .registry import METHODS
 from .spec import ResolvedRun, RunSpec, bind_data, resolve
 from .system import training_state_bytes
 
 STEP_TARGET = 1.10  # a method step may cost at most this many FP steps (plus its declared extra forwards)
+PEER_TARGET = {"cpu": 1.0, "cuda": 0.5}  # qatbench's step against its peer's: ahead on the CPU, half on a GPU
+
+
+@dataclasses.dataclass(frozen=True)
+class Spread:
+    """A ratio's median over all timed steps and its lowest and highest over the rounds."""
+
+    median: float
+    low: float
+    high: float
+
+    def verdict(self, target: float) -> str:
+        """"yes" where the whole spread is at most the target, "NO" where it is all above, else "noisy: rerun"."""
+        if self.high <= target:
+            return "yes"
+        return "NO" if self.low > target else "noisy: rerun"
+
+    def text(self) -> str:
+        return f"{self.median:.2f}x ({self.low:.2f}-{self.high:.2f})"
 
 
 @dataclasses.dataclass
@@ -46,6 +70,8 @@ class BenchRow:
     bits: str
     step_ms: float
     ratio: float
+    ratio_low: float  # the lowest and highest of the rounds' ratios to FP
+    ratio_high: float
     target: float
     state_mb: float
     state_ratio: float
@@ -57,16 +83,70 @@ class BenchRow:
     ops: StepOps | None = None  # operations dispatched by one method step outside a level refresh
 
     @property
-    def met(self) -> bool:
-        return self.ratio <= self.target
+    def spread(self) -> Spread:
+        return Spread(self.ratio, self.ratio_low, self.ratio_high)
 
+    @property
+    def verdict(self) -> str:
+        return self.spread.verdict(self.target)
+
+
+@dataclasses.dataclass
+class PeerRow:
+    """qatbench's step against its peer's (the same rule in the PARQ authors' reference), same model and batches."""
+
+    rule: str
+    peer: str
+    bits: str
+    step_ms: float
+    peer_ms: float
+    ratio: float
+    ratio_low: float
+    ratio_high: float
+    target: float
+
+    @property
+    def spread(self) -> Spread:
+        return Spread(self.ratio, self.ratio_low, self.ratio_high)
+
+    @property
+    def verdict(self) -> str:
+        return self.spread.verdict(self.target)
+
+
+@dataclasses.dataclass
+class BenchResult:
+    rows: list[BenchRow]
+    peers: list[PeerRow]
+    load_before: tuple[float, float, float] | None  # os.getloadavg(): 1, 5 and 15 minutes
+    load_after: tuple[float, float, float] | None
+    cpus: int
 
 
 @dataclasses.dataclass
 class _Contender:
     run: ResolvedRun
     training: Training
-    times: list[float] = dataclasses.field(default_factory=list)
+    times: list[list[float]] = dataclasses.field(default_factory=list)  # per round
+
+    @property
+    def all_times(self) -> list[float]:
+        return [t for round_times in self.times for t in round_times]
+
+
+def _spread(ours: _Contender, theirs: _Contender) -> Spread:
+    """`ours / theirs`: the ratio of medians over all steps, and over rounds the lowest and highest ratio of
+    the two contenders' medians in the same round."""
+    per_round = [statistics.median(a) / statistics.median(b) for a, b in zip(ours.times, theirs.times)]
+    return Spread(statistics.median(ours.all_times) / statistics.median(theirs.all_times), min(per_round),
+                  max(per_round))
+
+
+def _load() -> tuple[float, float, float] | None:
+    try:
+        return os.getloadavg()
+    except OSError:  # not on every platform
+        return None
 
 
 def _batches(train: Iterable) -> Iterator:
@@ -87,18 +167,18 @@ def _step(contender: _Contender, batch: tuple[torch.Tensor, torch.Tensor]) -> No
 
 
 def _refresh_ms(contender: _Contender, repeats: int = 20) -> float | None:
-    """Median time to re-estimate the levels of every quantized tensor."""
-    if not contender.run.method_cls.quantizes:
+    """Median time of the method's own re-estimation of the levels of every quantized tensor (None for a method
+    without levels, or one whose QAT has not started)."""
+    method = contender.training.method
+    if not contender.run.method_cls.quantizes or not getattr(method, "qat_started", False):
         return None
-    quantizer = contender.run.quantizer
-    rows = [as_rows(p.detach(), quantizer.granularity) for p in contender.training.method.quantized_params()]
     times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for r in rows:
-            estimate_levels(r, quantizer)
-        sync(contender.run.device)
-        times.append(time.perf_counter() - start)
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            method.refresh_levels()
+            sync(contender.run.device)
+            times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
 
@@ -167,16 +247,21 @@ def _with_baseline(specs: list[RunSpec]) -> list[RunSpec]:
 
 
 def bench(specs: list[RunSpec], steps: int = 50, warmup: int = 10, rounds: int = 5, data_root: Path | None = None,
-          download: bool = True) -> list[BenchRow]:
-    """Median step time, its ratio to FP, training-state memory and refresh time of every spec's method.
+          download: bool = True) -> BenchResult:
+    """Median step time, its ratio to FP (and to its peer's) with their spreads, training-state memory and refresh
+    time of every spec's method.
 
     All specs must share one task and device; the full-precision baseline is added when missing."""
+    load_before = _load()
     runs = bind_data([resolve(s) for s in _with_baseline(specs)], data_root, download)
     if len({(r.task.name, r.device) for r in runs}) != 1:
         raise QatbenchError("qatbench bench compares methods on one task and one device at a time")
     first = runs[0]
     data = first.task.load_data(first.data, first.device, first.recipe.batch_size,
                                 torch.Generator(first.device).manual_seed(0))
+    if len(data.train) == 0:
+        raise QatbenchError(f"the training set of {first.task.name} holds fewer samples than one batch "
+                            f"({first.recipe.batch_size}): pass a smaller --batch-size")
     steps_per_epoch = min(len(data.train), first.recipe.epoch_steps or len(data.train))
     stream = _batches(data.train)
     contenders = [_build(run, steps_per_epoch) for run in runs]
@@ -186,34 +271,60 @@ def bench(specs: list[RunSpec], steps: int = 50, warmup: int = 10, rounds: int =
     sync(first.device)
     for _ in range(rounds):
         for contender in contenders:
+            contender.times.append([])
             for batch in itertools.islice(stream, steps):
                 start = time.perf_counter()
                 _step(contender, batch)
                 sync(first.device)
-                contender.times.append(time.perf_counter() - start)
+                contender.times[-1].append(time.perf_counter() - start)
+    load_after = _load()
 
     fp = next(c for c in contenders if not c.run.method_cls.quantizes)
-    fp_ms = 1000 * statistics.median(fp.times)
+    fp_ms = 1000 * statistics.median(fp.all_times)
     fp_state = training_state_bytes(fp.training.model, fp.training.method)["total"]
     forward_share = _forward_ms(fp, stream) / fp_ms
     rows = []
     for contender in contenders:
         run, method = contender.run, contender.training.method
-        step_ms = 1000 * statistics.median(contender.times)
+        step_ms = 1000 * statistics.median(contender.all_times)
+        spread = _spread(contender, fp)
         target = STEP_TARGET + method.extra_forward_passes() * forward_share
         state = training_state_bytes(contender.training.model, method)["total"]
         quantized = sum(p.numel() for p in method.quantized_params())
         checkpoint_ms, checkpoint_mb = _checkpoint_cost(contender, data.train)
         ops = _step_ops(contender, stream)
         rows.append(BenchRow(
-            method=run.method_cls.name, bits=run.bits_text + (f"/{run.act_bits}" if run.act_bits else ""), step_ms=step_ms, ratio=step_ms / fp_ms, target=target,
+            method=run.method_cls.name, bits=_bits(run), step_ms=step_ms, ratio=spread.median, ratio_low=spread.low,
+            ratio_high=spread.high, target=target,
             state_mb=state / 2**20, state_ratio=state / fp_state,
             bytes_per_weight=(state - fp_state) / quantized if run.method_cls.quantizes and quantized else None,
             refresh_ms=_refresh_ms(contender), checkpoint_ms=checkpoint_ms, checkpoint_mb=checkpoint_mb,
             peak_allocated_mb=None, ops=ops))
+    peers = _peer_rows(contenders, first.device.type)
     del contenders, fp, contender, stream
     for row, run in zip(rows, runs):
         row.peak_allocated_mb = _peak_allocated_mb(run, data.train, steps_per_epoch, warmup + steps)
+    return BenchResult(rows, peers, load_before, load_after, os.cpu_count() or 1)
+
+
+def _bits(run: ResolvedRun) -> str:
+    return run.bits_text + (f"/{run.act_bits}" if run.act_bits else "")
+
+
+def _peer_rows(contenders: list[_Contender], device_type: str) -> list[PeerRow]:
+    """Every contender against its peer (`Method.peer_of`: the qatbench method whose rule a reference method
+    runs) at the same bits, where both are benched."""
+    by_rule = {(c.run.method_cls.name, _bits(c.run)): c for c in contenders}
+    rows = []
+    for theirs in contenders:
+        rule = getattr(theirs.run.method_cls, "peer_of", None)
+        ours = by_rule.get((rule, _bits(theirs.run)))
+        if ours is None:
+            continue
+        spread = _spread(ours, theirs)
+        rows.append(PeerRow(rule, theirs.run.method_cls.name, _bits(ours.run),
+                            1000 * statistics.median(ours.all_times), 1000 * statistics.median(theirs.all_times),
+                            spread.median, spread.low, spread.high, PEER_TARGET.get(device_type, 1.0)))
     return rows
 
 
@@ -229,25 +340,43 @@ def _forward_ms(contender: _Contender, stream: Iterator, repeats: int = 20) -> f
     return 1000 * statistics.median(times)
 
 
-def markdown(rows: list[BenchRow]) -> str:
+def markdown(result: BenchResult) -> str:
     from tabulate import tabulate
 
-    ordered = sorted(rows, key=lambda r: (r.bits != "FP", r.method))
-    table = [[r.method, r.bits, f"{r.step_ms:.3f}", f"{r.ratio:.2f}x", f"<= {r.target:.2f}x",
-              "yes" if r.met else "NO", f"{r.state_mb:.3f}", f"{r.state_ratio:.2f}x",
+    ordered = sorted(result.rows, key=lambda r: (r.bits != "FP", r.method))
+    table = [[r.method, r.bits, f"{r.step_ms:.3f}", r.spread.text(), f"<= {r.target:.2f}x",
+              r.verdict, f"{r.state_mb:.3f}", f"{r.state_ratio:.2f}x",
               "" if r.bytes_per_weight is None else f"{r.bytes_per_weight:.2f}",
               "" if r.refresh_ms is None else f"{r.refresh_ms:.3f}", f"{r.checkpoint_ms:.1f}", f"{r.checkpoint_mb:.2f}",
               "" if r.peak_allocated_mb is None else f"{r.peak_allocated_mb:.0f}"] for r in ordered]
-    timing = tabulate(table, headers=["method", "bits", "step ms (median)", "vs fp", "target", "met", "state MB",
+    timing = tabulate(table, headers=["method", "bits", "step ms (median)", "vs fp (rounds' min-max)", "target", "met",
+                                      "state MB",
                                       "vs fp", "bytes/weight", "refresh ms", "checkpoint ms", "checkpoint MB",
                                       "peak alloc MB"], tablefmt="github", disable_numparse=True)
     counted = [[r.method, r.bits, str(r.ops.step), str(r.ops.base), f"+{r.ops.extra}", str(r.ops.probes),
                 "" if r.ops.refresh is None else str(r.ops.refresh), str(r.ops.host_reads)]
                for r in ordered if r.ops is not None]
-    if not counted:
-        return timing
-    operations = tabulate(counted, headers=["method", "bits", "step ops", "base foreach step", "extra",
-                                            "probe forward ops", "refresh ops", "host reads"],
-                          tablefmt="github", disable_numparse=True)
-    return (f"{timing}\n\nOperations dispatched by one method step outside a level refresh (aten operations, "
-            f"counted with a dispatch mode; each is at least one kernel launch on a GPU):\n\n{operations}")
+    parts = [_load_line(result), timing]
+    if result.peers:
+        peers = [[p.rule, p.peer, p.bits, f"{p.step_ms:.3f}", f"{p.peer_ms:.3f}",
+                  p.spread.text(), f"<= {p.target:.2f}x", p.verdict] for p in sorted(result.peers, key=lambda p: p.rule)]
+        parts.append("Against the PARQ authors' reference (torchao.prototype.parq), the same rule on the same model "
+                     "and batches:\n\n" + tabulate(peers, headers=[
+                         "rule", "reference", "bits", "qatbench ms", "reference ms", "qatbench / reference "
+                         "(rounds' min-max)", "target", "met"], tablefmt="github", disable_numparse=True))
+    if counted:
+        operations = tabulate(counted, headers=["method", "bits", "step ops", "base foreach step", "extra",
+                                                "probe forward ops", "refresh ops", "host reads"],
+                              tablefmt="github", disable_numparse=True)
+        parts.append("Operations dispatched by one method step outside a level refresh (aten operations, counted "
+                     f"with a dispatch mode; each is at least one kernel launch on a GPU):\n\n{operations}")
+    return "\n\n".join(parts)
+
+
+def _load_line(result: BenchResult) -> str:
+    def text(load: tuple[float, float, float] | None) -> str:
+        return "unknown" if load is None else f"{load[0]:.2f}"
+
+    return (f"Load average (1 min) {text(result.load_before)} before, {text(result.load_after)} after the timed "
+            f"rounds, on {result.cpus} CPUs; a verdict is given only where a ratio's spread over the rounds does "
+            f"not straddle its target (\"noisy: rerun\" otherwise).")

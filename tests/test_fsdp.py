@@ -119,7 +119,7 @@ def test_levels_of_shards_reduced_over_ranks_are_the_unsharded_levels(tmp_path):
 
 DEVICES = [pytest.param([], id="cpu-gloo"),
            pytest.param(["--device", "cuda", "--precision", "fp32", "--no-tf32"], id="cuda-nccl",
-                        marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL ranks need 2 CUDA devices"))]
+                        marks=[pytest.mark.cuda, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL ranks need 2 CUDA devices")])]
 
 
 @needs_transformers
@@ -183,7 +183,7 @@ def test_fsdp_ranks_stop_checkpoint_their_shards_and_resume_to_the_same_result(c
                                                    "ste, talr"),
     (["--method", "nspsa", "--task", "llama-20m", "--granularity", "tensor"], "method 'nspsa' cannot train sharded"),
     (["--method", "ste", "--task", "mnist-mlp"], "--fsdp: task 'mnist-mlp' cannot be sharded; tasks that can: "
-                                                 "llama-130m, llama-20m, llama-300m, llama-60m"),
+                                                 "llama-130m, llama-1m, llama-20m, llama-300m, llama-60m"),
     (["--method", "ste", "--task", "llama-20m", "--compile", "default"], "--fsdp with --compile default is not "
                                                                          "supported yet; valid choice: --compile none"),
 ])

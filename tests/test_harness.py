@@ -115,12 +115,22 @@ def test_missing_data_raises_the_one_line_error(tmp_path, isolated_data_env, mon
         execute(_run(), data_root=tmp_path / "empty", download=False, log=_quiet)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_run_records_peak_gpu_memory(idx_root, isolated_data_env):
     record = execute(_run(device="cuda"), data_root=idx_root, download=False, log=_quiet)
     assert record.status == "ok" and record.exactness["passed"] is True
     assert record.memory["peak_allocated_mb"] > 0 and record.memory["peak_reserved_mb"] >= record.memory["peak_allocated_mb"]
     assert record.environment["cuda"] is not None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["parq", "talr"])
+@pytest.mark.parametrize("options", [{"compile": "reduce-overhead"}, {"precision": "bf16", "act_bits": 2}])
+def test_cuda_graphs_and_autocast_train_to_an_exactly_quantized_model(method, options, idx_root, isolated_data_env):
+    record = execute(_run(method, device="cuda", **options), data_root=idx_root, download=False, log=_quiet)
+    assert record.status == "ok" and record.exactness["passed"] is True and record.memory["peak_allocated_mb"] > 0
 
 
 @pytest.mark.parametrize("options", [{"precision": "bf16"}, {"compile": "default"}])

@@ -50,6 +50,7 @@ def test_the_cpu_threads_are_part_of_a_cpu_runs_identity_and_pinned_by_default()
     assert _identity(threads=2) != _identity()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA run's identity needs a CUDA device")
 def test_a_cuda_runs_identity_holds_no_cpu_threads():
     assert _identity(device="cuda", threads=4)["threads"] is None  # its numbers do not depend on them

@@ -79,6 +79,7 @@ def test_tf32_is_in_the_identity_as_it_acts_off_on_the_cpu():
     assert _run().base_identity["tf32"] is False and _run(tf32=False).base_identity == _run().base_identity
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 and cudnn.benchmark act on CUDA only")
 def test_tf32_on_cuda_changes_the_identity_and_the_process_settings():
     from qatbench.step import prepare_device

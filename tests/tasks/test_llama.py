@@ -75,6 +75,18 @@ def test_a_folder_of_text_files_is_one_corpus(tmp_path, isolated_data_env):
     assert bytes(torch.cat([train, val]).tolist()) == b"first\n\nsecond\n\n"
 
 
+def test_a_folder_split_into_train_and_validation_has_that_held_out_split(tmp_path, isolated_data_env):
+    for part, texts in {"train": {"a.txt": "first", "b.txt": "second"}, "validation": {"c.txt": "third"}}.items():
+        (tmp_path / "split" / part).mkdir(parents=True)
+        for name, text in texts.items():
+            (tmp_path / "split" / part / name).write_text(text)
+    train, val = load_tokens(tmp_path / "split", ByteTokenizer(), 0.5)  # val_fraction does not apply
+    assert bytes(train.tolist()) == b"first\n\nsecond\n\n" and bytes(val.tolist()) == b"third\n\n"
+    (tmp_path / "split" / "validation" / "c.txt").unlink()
+    with pytest.raises(QatbenchError, match="train/ and validation/ must each hold .txt files"):
+        load_tokens(tmp_path / "split", ByteTokenizer(), 0.5)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="datasets is not installed")
 def test_a_saved_datasets_dataset_with_its_validation_split(tmp_path, isolated_data_env):
     import datasets
@@ -174,3 +186,12 @@ def test_smoke_run_of_the_smallest_model_through_the_cli(method, tmp_path, isola
     timing = record["timing"]
     assert timing["tokens_per_s"] == pytest.approx(timing["samples_per_s"] * 32)
     assert 1 < record["metric"] < 10 * 256 and math.isfinite(record["metric"])
+
+
+@needs_transformers
+def test_the_cpu_size_is_about_a_million_parameters_with_the_byte_vocabulary_and_context_64():
+    task = _task("llama-1m")
+    with torch.device("meta"):
+        count = sum(p.numel() for p in task.build_model().parameters())
+    assert count == task.size.parameters(256) == 869_504
+    assert task.config.seq_len == 64 and task.recipes["short"].epochs * task.config.steps_per_epoch == 2000
