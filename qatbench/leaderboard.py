@@ -5,8 +5,10 @@ device type), so that runs of different budgets are never averaged together and 
 baseline trained on the same budget. A row is a method with its hyper-parameters (learning rate, schedule,
 quantizer scheme and granularity, the method's own options): those that vary within a section are written
 in the row label. A cell is one row at one bit width over its seeds: `mean ± s (n)` and the 95 % Student-t
-interval of the mean; bold marks the best mean of a bit-width column and every cell that Welch's t-test
-cannot tell apart from it (`qatbench.stats`). Each section adds the difference to FP, the cost (step time,
+interval of the mean; in each bit-width column every pair of cells is compared over the seeds (paired where
+they ran the same seeds, Welch's otherwise) with Holm's adjustment over the column, bold marks the best mean
+and every cell not told apart from it, and one sentence under the table says what the column decides
+(`qatbench.verdicts`); cells that look wrong next to their neighbours are flagged for a reader to check. Each section adds the difference to FP, the cost (step time,
 training time, training-state and peak memory, packed size, exactness, transition rate), the papers'
 numbers where known, and figures.
 """
@@ -24,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import stats
+from . import stats, verdicts
 from .atomic import write_text_atomic
 from .errors import QatbenchError
 from .plots import (
@@ -47,7 +49,8 @@ SHARED_SHOWN = ("recipe", "lr", "lr_schedule", "weight_decay", "scheme", "granul
 MB = 2**20
 CELL_COLUMNS = [  # the columns of the CSV and JSON formats, one row per cell
     "task", "section", "row", "method", "quantized", "bits", "metric_name", "higher_is_better", "n", "mean", "std",
-    "ci_low", "ci_high", "is_best", "p_vs_best", "significant_vs_best", "bold", "delta_vs_fp", "paper",
+    "ci_low", "ci_high", "is_best", "p_vs_best", "test_vs_best", "significant_vs_best", "bold", "decision", "check",
+    "delta_vs_fp", "paper",
     "paper_mean", "delta_vs_paper", "paper_in_ci", "step_ms", "step_vs_fp", "train_s", "state_mb", "peak_mb",
     "peak_kind", "peak_reserved_mb", "packed_mb", "exact_passed", "exact_checked", "transition_rate",
 ]
@@ -258,12 +261,13 @@ def checked_conflicts(frame: pd.DataFrame, allow: bool) -> list[Conflict]:
 def cell_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """The cells of a labelled frame of finished records, sorted by task, section, row and bit width."""
     if frame.empty:
-        return pd.DataFrame(columns=[*CELL_COLUMNS, "bits_order", "fp32_mb", "device_type"])
+        return pd.DataFrame(columns=[*CELL_COLUMNS, "bits_order", "fp32_mb", "device_type", "values"])
     keys = ["task", "section", "row", "bits"]
     table = pd.DataFrame([_summarize_cell(g) for _, g in frame.groupby(keys, sort=False)])
     table = table.sort_values(["task", "section", "quantized", "row", "bits_order"], ignore_index=True)
     table = _with_verdicts(table)
     table = _with_baseline(table)
+    table = _with_flags(table)
     return _with_published(table)
 
 
@@ -276,7 +280,8 @@ def _summarize_cell(group: pd.DataFrame) -> dict[str, Any]:
         "task": first["task"], "section": first["section"], "row": first["row"], "method": first["method"],
         "quantized": bool(first["quantized"]), "bits": first["bits"], "bits_order": first["bits_order"],
         "metric_name": first["metric_name"], "higher_is_better": bool(first["higher_is_better"]),
-        "device_type": first["device_type"], "n": summary.n, "mean": summary.mean, "std": summary.std,
+        "device_type": first["device_type"], "values": dict(zip(group["seed"], group["metric"])),
+        "n": summary.n, "mean": summary.mean, "std": summary.std,
         "ci_low": summary.ci_low, "ci_high": summary.ci_high, "step_ms": group["step_ms"].median(),
         "train_s": group["train_s"].median(), "state_mb": group["state_mb"].median(),
         "peak_mb": group["peak_mb"].max(), "peak_kind": "cuda allocated" if cuda else "cpu rss increase",
@@ -291,26 +296,49 @@ def _summary(cell: pd.Series) -> stats.Summary:
 
 
 def _with_verdicts(table: pd.DataFrame) -> pd.DataFrame:
-    """Each quantized cell against the best of its (task, section, bit width) column; FP cells are not ranked."""
-    verdicts: dict[int, stats.Verdict] = {}
-    for _, group in table[table["quantized"]].groupby(["task", "section", "bits"]):
-        summaries = {i: _summary(cell) for i, cell in group.iterrows()}
-        verdicts.update(stats.against_best(summaries, bool(group["higher_is_better"].iloc[0])))
+    """Each (task, section, bit width) column of quantized cells decided (`qatbench.verdicts.decide`): every pair
+    compared over its seeds, Holm-adjusted; per cell whether it is the best, its adjusted p-value and test against
+    the best, whether that rejects equality, bold (the best's group), and the column's sentence. FP cells are not
+    ranked."""
+    found: dict[int, dict[str, Any]] = {}
+    for (_, _, bits), group in table[table["quantized"]].groupby(["task", "section", "bits"]):
+        cells = [verdicts.Cell(cell["row"], cell["values"]) for _, cell in group.iterrows()]
+        decision = verdicts.decide(f"{bits} bits", cells, bool(group["higher_is_better"].iloc[0]))
+        for i, cell in group.iterrows():
+            versus = decision.against_best(cell["row"])
+            tested = versus is not None and versus.p_holm is not None
+            found[i] = {"is_best": cell["row"] == decision.best, "bold": cell["row"] in decision.top,
+                        "p_vs_best": versus.p_holm if tested else None,
+                        "test_vs_best": versus.test if versus is not None else None,
+                        "significant_vs_best": (versus.winner is not None) if tested else (
+                            False if cell["row"] == decision.best else None),
+                        "decision": decision.sentence}
 
-    def column(value: Any, missing: Any = None, dtype: type = object) -> pd.Series:
+    def column(key: str, missing: Any = None, dtype: type = object) -> pd.Series:
         """One value per cell; `dtype` object keeps Python booleans and None, whatever the mix."""
-        return pd.Series([value(verdicts[i]) if i in verdicts else missing for i in table.index], index=table.index,
+        return pd.Series([found[i][key] if i in found else missing for i in table.index], index=table.index,
                          dtype=dtype)
 
-    return table.assign(is_best=column(lambda v: v.is_best), p_vs_best=column(lambda v: v.p_value, dtype=float),
-                        significant_vs_best=column(_significant), bold=column(lambda v: v.bold, missing=False))
+    return table.assign(is_best=column("is_best"), p_vs_best=column("p_vs_best", dtype=float),
+                        test_vs_best=column("test_vs_best"), significant_vs_best=column("significant_vs_best"),
+                        bold=column("bold", missing=False), decision=column("decision"))
 
 
-def _significant(verdict: stats.Verdict) -> bool | None:
-    """Significantly different from the best cell (p < alpha); False for the best itself, None when untested."""
-    if verdict.is_best:
-        return False
-    return None if verdict.p_value is None else verdict.p_value < stats.ALPHA
+def _with_flags(table: pd.DataFrame) -> pd.DataFrame:
+    """The reasons to check each cell (`qatbench.verdicts.flags`), joined; None where there is none."""
+    reasons: dict[tuple[str, str, str, str], list[str]] = {}
+    for (task, section), group in table.groupby(["task", "section"]):
+        quantized = group[group["quantized"]]
+        rows = {row: {cell["bits"]: _summary(cell) for _, cell in cells.iterrows()}
+                for row, cells in quantized.groupby("row")}
+        weight_only = [b for b in _bits_columns(group) if "/" not in b]
+        fp = _baseline(group)
+        for flag in verdicts.flags(rows, weight_only, None if fp is None else _summary(fp),
+                                   bool(group["higher_is_better"].iloc[0])):
+            reasons.setdefault((task, section, flag.row, flag.column), []).append(flag.reason)
+    check = [("; ".join(reasons[key]) if (key := (c["task"], c["section"], c["row"], c["bits"])) in reasons
+              else None) for _, c in table.iterrows()]
+    return table.assign(check=pd.Series(check, index=table.index, dtype=object))
 
 
 def _baseline(section: pd.DataFrame) -> pd.Series | None:
@@ -457,7 +485,8 @@ def _cell_text(cell: pd.Series) -> str:
         text = f"{cell['mean']:.2f} (1)†"
     else:
         text = f"{cell['mean']:.2f} ± {cell['std']:.2f} ({cell['n']}) [{cell['ci_low']:.2f}, {cell['ci_high']:.2f}]"
-    return f"**{text}**" if cell["bold"] else text
+    text = f"**{text}**" if cell["bold"] else text
+    return f"{text} ⚠" if cell.get("check") else text
 
 
 def _number(value: float, spec: str) -> str:
@@ -466,13 +495,32 @@ def _number(value: float, spec: str) -> str:
 
 
 def _bold_rule(section: pd.DataFrame) -> str:
-    """The legend of the bold cells: which test, at which level, and what a single run can and cannot be."""
-    rule = (f"Bold, in each bit-width column: the best mean and every cell not significantly different from it "
-            f"({stats.TEST_NAME}, against the best cell; bold when p >= {stats.ALPHA:g}).")
+    """The legend of the bold cells: which tests, which correction, at which level, and what a single run can and
+    cannot be."""
+    rule = (f"Bold, in each bit-width column: the best mean and every cell not significantly different from it. "
+            f"Every pair of cells in a column is compared (a paired t-test over the seeds where both ran the same "
+            f"seeds, which give every method the same initial weights and data order; {stats.TEST_NAME} where "
+            f"they did not), and the column's "
+            f"p-values are adjusted together by Holm's method, so that the chance of any false difference in a "
+            f"column is at most {stats.ALPHA:g}; bold when the adjusted p >= {stats.ALPHA:g}.")
     if not (section["n"] == 1).any():
         return rule
     return (f"{rule} A single run (n = 1, †) has no interval and cannot be tested: it is bold only when it has "
             "the best mean, and a column whose best cell is a single run has no other bold cell.")
+
+
+def _decisions(section: pd.DataFrame) -> str:
+    """What each bit-width column decides (one sentence each) and the cells to check, with their reasons."""
+    quantized = section[section["quantized"]]
+    lines = ["What each column decides:", ""]
+    for bits in _bits_columns(section):
+        lines.append(f"- {quantized[quantized['bits'] == bits]['decision'].iloc[0]}")
+    flagged = section[section["check"].notna()]
+    if len(flagged):
+        lines += ["", "Cells to check (⚠: they look wrong next to their neighbours; a reader should look at their "
+                      "runs before trusting them):", ""]
+        lines += [f"- {cell['row']}, {cell['bits']} bits: {cell['check']}." for _, cell in flagged.iterrows()]
+    return "\n".join(lines)
 
 
 def _metric_table(section: pd.DataFrame) -> str:
@@ -485,7 +533,53 @@ def _metric_table(section: pd.DataFrame) -> str:
     legend = (f"Final {first['metric_name']} after exact quantization: mean ± sample standard deviation (number "
               f"of seeds) [{level} confidence interval of the mean, Student t: mean ± t({quantile}, n−1)·s/√n]; "
               f"{direction}.")
-    return f"{legend}\n\n{_table(['method', 'FP', *bits_cols], rows)}\n\n{_bold_rule(section)}\n"
+    return (f"{legend}\n\n{_table(['method', 'FP', *bits_cols], rows)}\n\n{_bold_rule(section)}\n\n"
+            f"{_decisions(section)}\n")
+
+
+REFERENCE_PREFIX = "torchao-"  # a method named torchao-X runs the PARQ authors' reference of qatbench's X
+
+
+def _reference_table(section: pd.DataFrame) -> str:
+    """Each reference row (`torchao-X`) against qatbench's X at every bit width where both ran: the difference of
+    the means with its interval (paired over the seeds where they pair), the test's p-value Holm-adjusted over
+    the table, and whether they differ. Empty where the section has no reference row."""
+    cells = {(c["row"], c["bits"]): c for _, c in section.iterrows()}
+    pairs = []
+    for (row, bits), theirs in cells.items():
+        method = theirs["method"]
+        if not method.startswith(REFERENCE_PREFIX):
+            continue
+        ours = cells.get((row.replace(method, method.removeprefix(REFERENCE_PREFIX), 1), bits))
+        if ours is not None:
+            pairs.append((ours, theirs))
+    if not pairs:
+        return ""
+    tested = {}
+    for ours, theirs in pairs:
+        test, p = verdicts.compare(verdicts.Cell(ours["row"], ours["values"]),
+                                   verdicts.Cell(theirs["row"], theirs["values"]))
+        tested[(ours["row"], theirs["row"], ours["bits"])] = (test, p)
+    adjusted = stats.holm({k: p for k, (_, p) in tested.items() if p is not None})
+    rows = []
+    for ours, theirs in pairs:
+        key = (ours["row"], theirs["row"], ours["bits"])
+        test, p = tested[key]
+        common = sorted(set(ours["values"]) & set(theirs["values"]), key=str)
+        paired = test == "paired"
+        difference = (stats.summarize([ours["values"][s] - theirs["values"][s] for s in common]) if paired else None)
+        interval = (f"{difference.mean:+.2f} [{difference.ci_low:+.2f}, {difference.ci_high:+.2f}]" if paired
+                    else f"{ours['mean'] - theirs['mean']:+.2f}")
+        p_holm = adjusted.get(key)
+        verdict = "untested" if p_holm is None else (
+            f"differ (p = {p_holm:.3g})" if p_holm < stats.ALPHA else "not told apart")
+        rows.append([ours["row"], theirs["row"], ours["bits"], f"{ours['mean']:.2f}", f"{theirs['mean']:.2f}",
+                     interval, test, "" if p_holm is None else f"{p_holm:.3g}", verdict])
+    return ("\nqatbench against the PARQ authors' reference (`torchao.prototype.parq`, the same rule, settings and "
+            "seeds): the difference of the means (qatbench - reference) with its 95% interval where the seeds pair, "
+            "the test's p-value Holm-adjusted over this table, and whether they differ (they should not):\n\n"
+            + _table(["qatbench", "reference", "bits", "qatbench mean", "reference mean", "difference",
+                      "test", "p (Holm)", "verdict"], rows) + "\n")
 
 
 def _delta_table(section: pd.DataFrame) -> str:
@@ -599,7 +693,8 @@ def task_markdown(task: str, frame: pd.DataFrame, regenerate: str, plot_dir: Pat
     parts = [f"# {task}\n"]
     for number, (section, group) in enumerate(_sections(table), start=1):
         records = finished[finished["section"] == section]
-        parts += [f"## {section}\n", _section_intro(records), _metric_table(group), _delta_table(group),
+        parts += [f"## {section}\n", _section_intro(records), _metric_table(group), _reference_table(group),
+                  _delta_table(group),
                   _cost_table(group), _paper_table(group)]
         if plot_dir is not None:
             parts += _figures(task, number, group, records, plot_dir)

@@ -1,4 +1,5 @@
-"""The statistics of the leaderboards: summaries over seeds, Student-t intervals and Welch's t-test.
+"""The statistics of the leaderboards: summaries over seeds, Student-t intervals, paired and Welch's t-tests,
+and Holm's control of the error rate over a family of tests.
 
 Every function is pure and states its formula. A run is one sample; a cell of a table is the
 sample of its seeds, `x_1 .. x_n`.
@@ -98,6 +99,35 @@ def against_best(cells: Mapping[Hashable, Summary], higher_is_better: bool,
         p_value = None if is_best else welch_p(best, cell)
         verdicts[key] = Verdict(is_best, p_value, is_best or (p_value is not None and p_value >= alpha))
     return verdicts
+
+
+def paired_p(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Two-sided p-value of the paired t-test that runs `a_i` and `b_i` of the same seeds have the same mean.
+
+    `d_i = a_i - b_i`, `t = mean(d) / (s_d / sqrt(n))` with `n - 1` degrees of freedom, `p = 2 (1 - F(|t|))`.
+    None for fewer than 2 pairs. Where every difference is the same, `s_d = 0`: p = 1 when they are all zero,
+    0 otherwise (a constant non-zero difference is as certain as a test can be)."""
+    if len(a) != len(b):
+        raise ValueError("a paired test needs as many runs on each side")
+    if len(a) < 2:
+        return None
+    differences = [x - y for x, y in zip(a, b)]
+    if all(d == differences[0] for d in differences):
+        return 1.0 if differences[0] == 0 else 0.0
+    return float(scipy_stats.ttest_rel(a, b).pvalue)
+
+
+def holm(p_values: Mapping[Hashable, float]) -> dict[Hashable, float]:
+    """Holm's step-down adjustment (Holm 1979), which controls the family-wise error rate of `m` tests at any
+    level: with the p-values sorted, `p_(1) <= ... <= p_(m)`, the adjusted `p'_(i) = max_{j <= i} min(1,
+    (m - j + 1) p_(j))`; a test is rejected at level alpha when `p' < alpha`. Written here (a few lines) rather
+    than taken from statsmodels, which the project does not otherwise need."""
+    ordered = sorted(p_values, key=lambda k: p_values[k])
+    m, running, adjusted = len(ordered), 0.0, {}
+    for j, key in enumerate(ordered):
+        running = max(running, min(1.0, (m - j) * p_values[key]))
+        adjusted[key] = running
+    return adjusted
 
 
 _MEAN_STD = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*(?:(?:±|\+-|\+/-)\s*(\d+(?:\.\d*)?))?\s*$")

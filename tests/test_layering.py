@@ -9,10 +9,10 @@ FRONT_ENDS = {"cli", "bench", "deploy", "executors", "__main__"}
 LAYERS = [  # bottom to top
     ("foundations", {"__init__", "errors", "params", "options", "atomic", "registry", "distributed", "signals", "stats",
                      "schedules", "opcount"}),
-    ("data", {"data", "fingerprint", "text", "batches"}),
+    ("data", {"data", "fingerprint", "text", "corpora", "batches"}),
     ("quantizer and contracts", {"flat", "quant", "activations", "sharding", "method", "task", "diagnostics"}),
     ("records and reports", {"results", "checkpoint", "export", "locks", "progress", "system", "plots", "leaderboard",
-                             "compare", "status"}),
+                             "verdicts", "compare", "status"}),
     ("one run", {"spec", "step", "clock", "finish", "loop", "harness"}),
     ("front ends", {"sweep", "pool", "executors", "bench", "deploy", "cli", "__main__"}),
 ]

@@ -76,17 +76,42 @@ def test_cells_are_mean_sample_std_n_and_the_student_t_interval():
     assert "Student t" in text and "95% confidence interval" in text
 
 
-def test_bold_is_the_best_mean_and_every_cell_welch_cannot_tell_from_it():
+def test_bold_is_the_best_mean_and_every_cell_not_told_apart_from_it_after_holm():
+    from qatbench import stats
+
     text = leaderboard.build(RECORDS, "x")["toy"]
     metric = _by_label(_table(text, "method", "FP"))
     assert metric["parq"][2] == "**86.00 ± 1.41 (2) [73.29, 98.71]**"  # the best 2-bit mean
-    assert metric["ste"][2].startswith("**82.00 ± 2.00 (3)")  # Welch p = 0.082 against parq: not different
-    assert metric["talr"][2] == "70.00 ± 0.50 (3) [68.76, 71.24]"  # Welch p = 0.027: significantly worse
-    assert "Welch's unequal-variance t-test, two-sided" in text and "p >= 0.05" in text
+    # parq ran seeds 0, 1; ste and talr seeds 0, 1, 2: Welch's test against parq, the paired test between them
+    summary = {row: stats.summarize(v) for row, v in (("parq", [85.0, 87.0]), ("ste", [80.0, 84.0, 82.0]),
+                                                         ("talr", [70.0, 70.5, 69.5]))}
+    welch_ste, welch_talr = (stats.welch_p(summary["parq"], summary[row]) for row in ("ste", "talr"))
+    assert welch_ste == pytest.approx(0.08244, abs=1e-4) and welch_talr == pytest.approx(0.02712, abs=1e-4)
+    paired = stats.paired_p([80.0, 84.0, 82.0], [70.0, 70.5, 69.5])
+    holm = stats.holm({"ste": welch_ste, "talr": welch_talr, "ste-talr": paired})
+    assert holm == pytest.approx({"ste": welch_ste, "talr": 2 * welch_talr, "ste-talr": 3 * paired})
     table = leaderboard.cells(RECORDS).set_index(["row", "bits"])
-    assert table.loc[("ste", "2"), "p_vs_best"] == pytest.approx(0.08244, abs=1e-4)
-    significant = table["significant_vs_best"].to_dict()
-    assert significant[("talr", "2")] is True and significant[("ste", "2")] is False
+    assert table.loc[("ste", "2"), "p_vs_best"] == pytest.approx(holm["ste"], abs=1e-4)
+    assert table.loc[("talr", "2"), "p_vs_best"] == pytest.approx(holm["talr"], abs=1e-4)  # 0.054: not decided
+    assert table.loc[("ste", "2"), "test_vs_best"] == "Welch"
+    assert metric["ste"][2].startswith("**82.00") and metric["talr"][2].startswith("**70.00")
+    assert not table["significant_vs_best"].to_dict()[("talr", "2")]
+    assert "- 2 bits: parq has the best mean; ste and talr are not told apart from it (1 of 3 pairs decided at " \
+           "0.05, Holm)." in text
+    assert "Holm's method" in text and "paired t-test over the seeds" in text and "Welch" in text
+
+
+def test_paired_seeds_decide_what_unpaired_ones_cannot():
+    # b trails a by about 1 point on every seed while the seeds move both by several points
+    a, b = [84.0, 88.0, 80.0, 86.0, 82.0], [83.1, 86.8, 79.2, 84.9, 81.0]
+    paired = [*_records("ste", 2, a), *_records("parq", 2, b)]
+    shifted = [*_records("ste", 2, a), *[_record("parq", 2, seed + 10, m) for seed, m in enumerate(b)]]
+    decided = leaderboard.cells(paired).set_index(["row", "bits"])
+    undecided = leaderboard.cells(shifted).set_index(["row", "bits"])
+    assert decided.loc[("parq", "2"), "test_vs_best"] == "paired" and not decided.loc[("parq", "2"), "bold"]
+    assert undecided.loc[("parq", "2"), "test_vs_best"] == "Welch" and undecided.loc[("parq", "2"), "bold"]
+    assert "ste has the best mean; every other method is significantly behind it" in \
+        leaderboard.build(paired, "x")["toy"]
 
 
 def test_a_single_run_is_marked_and_bold_only_when_it_is_the_best():
@@ -270,7 +295,8 @@ def test_csv_has_one_row_per_cell_with_statistics_verdicts_and_cost():
     ste = table.loc[("ste", "2")]
     assert (ste["n"], ste["mean"], ste["std"]) == (3, 82.0, 2.0)
     assert ste["ci_high"] == pytest.approx(86.9683, abs=1e-4) and ste["delta_vs_fp"] == pytest.approx(-9.0)
-    assert bool(ste["bold"]) and not bool(table.loc[("talr", "2"), "bold"])
+    assert bool(ste["bold"]) and bool(table.loc[("talr", "2"), "bold"])  # Holm: talr not told apart from parq
+    assert table.loc[("talr", "2"), "decision"].startswith("2 bits: parq has the best mean")
     assert ste["step_ms"] == 1.5
 
 
@@ -286,7 +312,7 @@ def test_latex_is_a_booktabs_tabular_with_bold_cells_and_escaped_labels():
     text = leaderboard.render(records, "latex", "qatbench leaderboard runs/")["toy"]
     assert "\\begin{tabular}{lccc}" in text and "\\toprule" in text and "\\bottomrule" in text
     assert "\\textbf{86.00 $\\pm$ 1.41 (2)}" in text and "\\textbf{70.00 (1)$^\\dagger$}" in text
-    assert "70.00 $\\pm$ 0.50 (3)" in text and "\\textbf{70.00 $\\pm$ 0.50" not in text
+    assert "81.00 (1)$^\\dagger$" in text and "\\textbf{81.00" not in text  # a single run, not the best
     assert "grad\\_scale=1" in text and "Welch" in text
 
 
@@ -399,3 +425,16 @@ def test_write_removes_the_figures_of_sections_that_are_gone(tmp_path):
     leaderboard.write(records, tmp_path, "x")
     assert (tmp_path / "toy-transitions-1.png").exists() and not (tmp_path / "toy-transitions-2.png").exists()
     assert (tmp_path / "notes.png").exists()  # not a figure of ours
+
+
+def test_reference_rows_are_set_against_qatbenchs_rule_over_paired_seeds():
+    ours, theirs = [84.0, 85.0, 83.0, 84.5], [84.1, 84.9, 83.2, 84.4]
+    records = [*_records("parq", 2, ours), *_records("torchao-parq", 2, theirs), *_records("ste", 2, ours)]
+    text = leaderboard.build(records, "x")["toy"]
+    [row] = _table(text, "qatbench", "reference")
+    assert row[:5] == ["parq", "torchao-parq", "2", "84.12", "84.15"] and row[6] == "paired"
+    assert row[5].startswith("-0.03 [") and row[8] == "not told apart"
+    far = [*_records("parq", 2, ours), *_records("torchao-parq", 2, [x - 2.0 + 0.01 * i for i, x in enumerate(ours)])]
+    [row] = _table(leaderboard.build(far, "x")["toy"], "qatbench", "reference")
+    assert row[8].startswith("differ (p = ")
+    assert "qatbench against the PARQ authors' reference" not in leaderboard.build(RECORDS, "x")["toy"]

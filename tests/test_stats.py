@@ -91,3 +91,28 @@ def test_inside_the_interval_or_unknown_without_one():
     assert stats.inside(91.71, 91.6, 91.8) is True
     assert stats.inside(91.22, 89.85, 90.35) is False
     assert stats.inside(91.0, math.nan, math.nan) is None
+
+
+def test_paired_p_follows_the_formula_on_the_differences():
+    a, b = [84.1, 85.5, 83.0, 84.8], [83.0, 84.6, 82.2, 83.7]  # d = 1.1, 0.9, 0.8, 1.1: seeds move both
+    d = [x - y for x, y in zip(a, b)]
+    mean, sd = sum(d) / 4, math.sqrt(sum((x - sum(d) / 4) ** 2 for x in d) / 3)
+    t = mean / (sd / 2)
+    assert stats.paired_p(a, b) == pytest.approx(2 * (1 - scipy_stats.t.cdf(t, 3)), rel=1e-9)
+    # the pairing matters: the same values unpaired (Welch) are far less certain than paired
+    assert stats.paired_p(a, b) < stats.welch_p(stats.summarize(a), stats.summarize(b)) / 10
+
+
+def test_paired_p_of_constant_differences_and_of_too_few_pairs():
+    assert stats.paired_p([1.0, 2.0], [1.0, 2.0]) == 1.0 and stats.paired_p([2.0, 3.0], [1.0, 2.0]) == 0.0
+    assert stats.paired_p([1.0], [2.0]) is None
+    with pytest.raises(ValueError):
+        stats.paired_p([1.0, 2.0], [1.0])
+
+
+def test_holm_adjusts_by_hand_and_keeps_the_order():
+    # sorted 0.01, 0.02, 0.04, 0.3: x4, x3, x2, x1 -> 0.04, 0.06, 0.08, 0.3 (monotone)
+    assert stats.holm({"a": 0.04, "b": 0.01, "c": 0.3, "d": 0.02}) == pytest.approx(
+        {"a": 0.08, "b": 0.04, "c": 0.3, "d": 0.06})
+    assert stats.holm({"a": 0.5, "b": 0.4}) == {"a": 0.8, "b": 0.8}  # min(1, 2 x 0.4) = 0.8, then max(0.8, 0.5)
+    assert stats.holm({}) == {}
