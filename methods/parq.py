@@ -64,7 +64,9 @@ class PARQ(ProxMethod):
     before `anneal_start` (t1) no map at all, `p = w` (as the reference's `ProxPARQ`,
     which leaves the weights untouched there: no clamp to `[q_1, q_m]`); `rho = 0` (hard
     quantization) from `anneal_end` (t2) on; in between the normalized mirror sigmoid
-    `rho = (s(f) - s(1)) / (s(0) - s(1))`, `s(f) = 1 / (1 + exp(k (f - c)))`. The reference
+    `rho = (s(f) - s(1)) / (s(0) - s(1))`, `s(f) = 1 / (1 + exp(k (f - c)))`; `anneal_end = anneal_start`
+    means no annealing: `rho = 0` from `anneal_start` on, which is STE exactly (the slope driven to infinity
+    from the first step; `tests/methods/test_parq.py`). The reference
     fixes the centre at `c = 1/2`; qatbench generalises it by normalising with the same
     end values `s(0)` and `s(1)`, so that `rho` still falls from 1 at t1 to 0 at t2 and the
     centre `c` moves the steepest point to the fraction `c` of the annealing interval
@@ -80,7 +82,8 @@ class PARQ(ProxMethod):
     def __init__(self, config: PARQConfig, optimizer, quantizer, total_steps, generator) -> None:
         super().__init__(config, optimizer, quantizer, total_steps, generator)
         self.anneal_start = resolve_point(config.anneal_start, total_steps, "anneal_start")
-        self.anneal_end = max(self.anneal_start + 1, resolve_point(config.anneal_end, total_steps, "anneal_end"))
+        # anneal_end == anneal_start: no annealing, rho = 0 (hard quantization, STE) from anneal_start on
+        self.anneal_end = max(self.anneal_start, resolve_point(config.anneal_end, total_steps, "anneal_end"))
         self.cumulative_lr = 0.0
         self.inv_slope = 1.0
 

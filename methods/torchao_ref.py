@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from qatbench.errors import QatbenchError
 from qatbench.method import Closure, Method, ProxConfig
 from qatbench.methods.binaryrelax import BinaryRelaxConfig
 from qatbench.methods.parq import PARQConfig
@@ -92,8 +93,8 @@ class ReferenceMethod(Method):
             per_channel = self.quantizer.granularity == "channel" and p.dim() > 1
             latent = state["latent"].flatten(start_dim=1) if per_channel else state["latent"]
             state["quants"] = torch.empty_like(state["quants"])
-            self.reference.quantize_(latent, state["quants"], self.reference_quantizer, self.quantizer.bits,
-                                     dim=-1 if per_channel else None)
+            self.reference.quantize_(latent / self._shrink(), state["quants"], self.reference_quantizer,
+                                     self.quantizer.bits, dim=-1 if per_channel else None)
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> None:
@@ -104,32 +105,42 @@ class ReferenceMethod(Method):
         return tensor.reshape(tensor.shape[0], -1) if self.quantizer.granularity == "channel" and tensor.dim() > 1 \
             else tensor.reshape(1, -1)
 
+    def _shrink(self) -> float:
+        """The reference's AProx shrinkage `gamma = max(1, sum of lr)` when `quant_shrink` (it quantizes w / gamma),
+        else 1."""
+        if not self.reference.quant_shrink:
+            return 1.0
+        group = next(g for g in self.reference.param_groups if g.get("quant_bits", 16) < 16)
+        return max(1.0, group.get("cumu_lr", 0.0))
+
     def _latent_and_levels(self) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """(parameter, latent rows, level table rows) of every quantized tensor, once QAT has started."""
-        state = self.reference.state
+        """(parameter, latent rows as the reference quantizes them, level table rows) of every quantized tensor,
+        once QAT has started."""
+        state, gamma = self.reference.state, self._shrink()
         out = []
         for p in self.params:
             if "latent" not in state[p] or "quants" not in state[p]:
                 return []
             quants = state[p]["quants"]
-            out.append((p, self._rows(state[p]["latent"]), quants.reshape(1, -1) if quants.dim() == 1 else quants))
+            out.append((p, self._rows(state[p]["latent"]) / gamma,
+                        quants.reshape(1, -1) if quants.dim() == 1 else quants))
         return out
 
     @torch.no_grad()
     def finalize(self) -> None:
         """`p <- Q[nearest(w)]` with the reference's `ProxHardQuant` and its last levels (where QAT never started,
         the reference quantizer's levels of the weights as they are)."""
-        self.tables = []
+        self.tables, gamma = [], self._shrink()
         for p in self.params:
             state, rows = self.reference.state[p], self._rows(p.data)
             dim = -1 if self.quantizer.granularity == "channel" and p.dim() > 1 else None
             if "latent" in state and "quants" in state:
-                rows.copy_(self._rows(state["latent"]))
+                rows.copy_(self._rows(state["latent"]) / gamma)  # what the reference quantizes: w / gamma
                 table = state["quants"]
             else:
                 table = self.reference_quantizer.quantize(rows if dim else p.data, self.quantizer.bits, dim=dim)[1]
             ProxHardQuant().apply_(rows if dim else p.data, None, table, 0, dim=dim)
-            self.tables.append(table.reshape(1, -1) if table.dim() == 1 else table.clone())
+            self.tables.append((table.reshape(1, -1) if table.dim() == 1 else table).clone())
 
     def level_tables(self) -> list[Tensor]:
         return self.tables
@@ -188,6 +199,11 @@ class ReferenceBinaryRelax(ReferenceMethod):
 class ReferencePARQConfig(PARQConfig):
     slope_schedule: Literal["sigmoid"] = param("sigmoid", "inverse slope: the annealed mirror sigmoid (the reference "
                                                           "has no AProx; qatbench's parq has)")
+
+    def __post_init__(self) -> None:
+        if self.anneal_end == self.anneal_start:
+            raise QatbenchError(f"method 'torchao-parq' argument anneal_end={self.anneal_end:g}: the reference's "
+                                "ProxPARQ anneals over anneal_start < anneal_end (no annealing is torchao-ste)")
 
 
 class ReferencePARQ(ReferenceMethod):

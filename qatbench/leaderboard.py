@@ -37,7 +37,7 @@ from .plots import (
 )
 from .quant import bits_label, bits_order, parse_bits
 from .results import RunRecord
-from .task import published
+from .task import hyperparameters, published
 
 FORMATS = {"md": "md", "csv": "csv", "json": "json", "latex": "tex"}  # format -> file extension
 BUDGET_KEYS = ("epochs", "epoch_steps", "batch_size", "optimizer")  # recipe keys of a section; the others per row
@@ -47,6 +47,7 @@ ENVIRONMENT_KEYS = ("git_commit", "torch", "cuda", "device_name", "python")  # w
 SHARED_SHOWN = ("recipe", "lr", "lr_schedule", "weight_decay", "scheme", "granularity", "precision", "threads",
                 "processes")
 MB = 2**20
+REFERENCE_PREFIX = "torchao-"  # a method named torchao-X runs the PARQ authors' reference of qatbench's X
 CELL_COLUMNS = [  # the columns of the CSV and JSON formats, one row per cell
     "task", "section", "row", "method", "quantized", "bits", "metric_name", "higher_is_better", "n", "mean", "std",
     "ci_low", "ci_high", "is_best", "p_vs_best", "test_vs_best", "significant_vs_best", "bold", "decision", "check",
@@ -299,11 +300,14 @@ def _with_verdicts(table: pd.DataFrame) -> pd.DataFrame:
     """Each (task, section, bit width) column of quantized cells decided (`qatbench.verdicts.decide`): every pair
     compared over its seeds, Holm-adjusted; per cell whether it is the best, its adjusted p-value and test against
     the best, whether that rejects equality, bold (the best's group), and the column's sentence. FP cells are not
-    ranked."""
+    ranked, nor are the reference's rows (`torchao-*`: they are set against qatbench's rule in a table of their own,
+    and would only dilute the column's family of tests)."""
     found: dict[int, dict[str, Any]] = {}
-    for (_, _, bits), group in table[table["quantized"]].groupby(["task", "section", "bits"]):
+    ranked = table["quantized"] & ~table["method"].str.startswith(REFERENCE_PREFIX)
+    for (_, _, bits), group in table[ranked].groupby(["task", "section", "bits"]):
         cells = [verdicts.Cell(cell["row"], cell["values"]) for _, cell in group.iterrows()]
-        decision = verdicts.decide(f"{bits} bits", cells, bool(group["higher_is_better"].iloc[0]))
+        decision = verdicts.decide(f"{bits} bit{'' if bits == '1' else 's'}", cells,
+                                   bool(group["higher_is_better"].iloc[0]))
         for i, cell in group.iterrows():
             versus = decision.against_best(cell["row"])
             tested = versus is not None and versus.p_holm is not None
@@ -500,7 +504,7 @@ def _bold_rule(section: pd.DataFrame) -> str:
     rule = (f"Bold, in each bit-width column: the best mean and every cell not significantly different from it. "
             f"Every pair of cells in a column is compared (a paired t-test over the seeds where both ran the same "
             f"seeds, which give every method the same initial weights and data order; {stats.TEST_NAME} where "
-            f"they did not), and the column's "
+            f"they did not; the reference's rows, `torchao-*`, are not ranked), and the column's "
             f"p-values are adjusted together by Holm's method, so that the chance of any false difference in a "
             f"column is at most {stats.ALPHA:g}; bold when the adjusted p >= {stats.ALPHA:g}.")
     if not (section["n"] == 1).any():
@@ -514,7 +518,9 @@ def _decisions(section: pd.DataFrame) -> str:
     quantized = section[section["quantized"]]
     lines = ["What each column decides:", ""]
     for bits in _bits_columns(section):
-        lines.append(f"- {quantized[quantized['bits'] == bits]['decision'].iloc[0]}")
+        decided = quantized[quantized["bits"] == bits]["decision"].dropna()
+        if len(decided):
+            lines.append(f"- {decided.iloc[0]}")
     flagged = section[section["check"].notna()]
     if len(flagged):
         lines += ["", "Cells to check (⚠: they look wrong next to their neighbours; a reader should look at their "
@@ -525,7 +531,9 @@ def _decisions(section: pd.DataFrame) -> str:
 
 def _metric_table(section: pd.DataFrame) -> str:
     bits_cols = _bits_columns(section)
-    rows = [[row, *(_cell_text(c) if c is not None else "—" for c in _row_cells(group, bits_cols))]
+    task = section["task"].iloc[0]
+    rows = [[f"{row} {BORROWED}" if _borrowed(task, group["method"].iloc[0]) else row,
+             *(_cell_text(c) if c is not None else "—" for c in _row_cells(group, bits_cols))]
             for row, group in _rows(section)]
     first = section.iloc[0]
     direction = "higher is better" if first["higher_is_better"] else "lower is better"
@@ -535,9 +543,6 @@ def _metric_table(section: pd.DataFrame) -> str:
               f"{direction}.")
     return (f"{legend}\n\n{_table(['method', 'FP', *bits_cols], rows)}\n\n{_bold_rule(section)}\n\n"
             f"{_decisions(section)}\n")
-
-
-REFERENCE_PREFIX = "torchao-"  # a method named torchao-X runs the PARQ authors' reference of qatbench's X
 
 
 def _reference_table(section: pd.DataFrame) -> str:
@@ -580,6 +585,38 @@ def _reference_table(section: pd.DataFrame) -> str:
             "the test's p-value Holm-adjusted over this table, and whether they differ (they should not):\n\n"
             + _table(["qatbench", "reference", "bits", "qatbench mean", "reference mean", "difference",
                       "test", "p (Holm)", "verdict"], rows) + "\n")
+
+
+BORROWED = "⚑"  # a row whose method runs with a setting borrowed from another task or paper, untuned here
+
+
+def _borrowed(task: str, method: str) -> bool:
+    return (hyperparameters(task).get("methods") or {}).get(method, {}).get("source") == "borrowed"
+
+
+def _hyperparameter_table(section: pd.DataFrame, records: pd.DataFrame) -> str:
+    """Per row: its learning rate, its method's settings (every one, defaults included, as its records hold them)
+    and where they come from (`tasks/hyperparameters.yaml`); empty where the task has no entry there."""
+    task = section["task"].iloc[0]
+    known = hyperparameters(task)
+    if not known:
+        return ""
+    methods, recipe = known.get("methods") or {}, known.get("recipe") or {}
+    rows = []
+    for row, group in _rows(section):
+        runs = records[records["row"] == row]
+        method = group["method"].iloc[0]
+        settings = json.loads(runs["method_config"].iloc[0]) if len(runs) else {}
+        lr = sorted({json.loads(c).get("lr") for c in runs["row_config"]} - {None})
+        entry = methods.get(method) or {"source": "unknown", "note": "not in tasks/hyperparameters.yaml"}
+        label = f"{row} {BORROWED}" if entry.get("source") == "borrowed" else row
+        rows.append([label, ", ".join(f"{x:g}" for x in lr), ", ".join(f"{k}={_value_text(v)}"
+                                                                     for k, v in settings.items()) or "-",
+                     entry.get("source", ""), entry.get("note", "")])
+    return (f"\nHyper-parameters of each row and where they come from (`tasks/hyperparameters.yaml`; {BORROWED}: a "
+            f"setting borrowed from another task or paper and not tuned here, so the row may understate its method). "
+            f"The recipe every row shares ({recipe.get('source', 'unknown')}): {recipe.get('note', '')}.\n\n"
+            + _table(["row", "lr", "method settings", "source", "why"], rows) + "\n")
 
 
 def _delta_table(section: pd.DataFrame) -> str:
@@ -694,7 +731,7 @@ def task_markdown(task: str, frame: pd.DataFrame, regenerate: str, plot_dir: Pat
     for number, (section, group) in enumerate(_sections(table), start=1):
         records = finished[finished["section"] == section]
         parts += [f"## {section}\n", _section_intro(records), _metric_table(group), _reference_table(group),
-                  _delta_table(group),
+                  _hyperparameter_table(group, records), _delta_table(group),
                   _cost_table(group), _paper_table(group)]
         if plot_dir is not None:
             parts += _figures(task, number, group, records, plot_dir)

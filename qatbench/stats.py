@@ -30,16 +30,6 @@ class Summary:
     ci_high: float
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """A cell against the best cell of its column: whether it is the best, Welch's p against the best (None for
-    the best itself and where either side is a single run) and whether it is bold (best, or p >= alpha)."""
-
-    is_best: bool
-    p_value: float | None
-    bold: bool
-
-
 def t_critical(n: int, level: float = LEVEL) -> float:
     """`t_{(1 + level) / 2, n - 1}`: the two-sided critical value of Student's t with n - 1 degrees of freedom
     (4.302653 for n = 3 at 95 %). NaN for n < 2."""
@@ -82,25 +72,6 @@ def welch_p(a: Summary, b: Summary) -> float | None:
     return float(result.pvalue)
 
 
-def against_best(cells: Mapping[Hashable, Summary], higher_is_better: bool,
-                 alpha: float = ALPHA) -> dict[Hashable, Verdict]:
-    """Each cell of one column against the cell with the best mean (the highest, or the lowest where lower is
-    better; equal means are all best). A cell is bold when it is best or when Welch's test against the best
-    cell finds no difference, p >= alpha. A single run, on either side, cannot be tested: it is bold only
-    when it has the best mean."""
-    if not cells:
-        return {}
-    pick = max if higher_is_better else min
-    best_key = pick(cells, key=lambda k: cells[k].mean)
-    best = cells[best_key]
-    verdicts = {}
-    for key, cell in cells.items():
-        is_best = cell.mean == best.mean
-        p_value = None if is_best else welch_p(best, cell)
-        verdicts[key] = Verdict(is_best, p_value, is_best or (p_value is not None and p_value >= alpha))
-    return verdicts
-
-
 def paired_p(a: Sequence[float], b: Sequence[float]) -> float | None:
     """Two-sided p-value of the paired t-test that runs `a_i` and `b_i` of the same seeds have the same mean.
 
@@ -122,6 +93,8 @@ def holm(p_values: Mapping[Hashable, float]) -> dict[Hashable, float]:
     level: with the p-values sorted, `p_(1) <= ... <= p_(m)`, the adjusted `p'_(i) = max_{j <= i} min(1,
     (m - j + 1) p_(j))`; a test is rejected at level alpha when `p' < alpha`. Written here (a few lines) rather
     than taken from statsmodels, which the project does not otherwise need."""
+    if any(math.isnan(p) for p in p_values.values()):
+        raise ValueError("Holm's adjustment of a NaN p-value: leave untested pairs out of the family")
     ordered = sorted(p_values, key=lambda k: p_values[k])
     m, running, adjusted = len(ordered), 0.0, {}
     for j, key in enumerate(ordered):

@@ -163,6 +163,14 @@ def published(task: str) -> list[dict[str, Any]]:
     return [entry] if isinstance(entry, dict) else list(entry)
 
 
+def hyperparameters(task: str) -> dict[str, Any]:
+    """Where `task`'s hyper-parameters come from, from `tasks/hyperparameters.yaml`: {"recipe": {"source", "note"},
+    "methods": {method: {"source", "note"}}}; {} when the task has no entry."""
+    text = importlib.resources.files("qatbench.tasks").joinpath("hyperparameters.yaml").read_text(encoding="utf-8")
+    entry = yaml.safe_load(text).get(task) or {}
+    return entry if isinstance(entry, dict) else {}
+
+
 class Task(ABC):
     """One benchmark task. Subclasses set the class attributes and implement the factories."""
 

@@ -101,6 +101,9 @@ def corpus_files(path: Path) -> list[Path]:
                                                               *sorted(split[1].glob("*.txt"))]
     if split is not None and not all(any(folder.glob("*.txt")) for folder in split):
         raise QatbenchError(f"{path}: train/ and validation/ must each hold .txt files")
+    if split is not None and any(path.glob("*.txt")):
+        raise QatbenchError(f"{path} holds .txt files beside train/ and validation/: move them into one of the two "
+                            "(a split corpus reads only those)")
     if not files:
         raise QatbenchError(f"{path} holds no .txt files and no saved `datasets` dataset. {HOW_TO_GET_TEXT}")
     return files

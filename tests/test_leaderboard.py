@@ -438,3 +438,11 @@ def test_reference_rows_are_set_against_qatbenchs_rule_over_paired_seeds():
     [row] = _table(leaderboard.build(far, "x")["toy"], "qatbench", "reference")
     assert row[8].startswith("differ (p = ")
     assert "qatbench against the PARQ authors' reference" not in leaderboard.build(RECORDS, "x")["toy"]
+
+
+def test_reference_rows_are_not_ranked_in_the_columns_family():
+    ours, theirs = [84.0, 85.0, 83.0, 84.5], [84.3, 85.2, 83.3, 84.7]
+    table = leaderboard.cells([*_records("parq", 2, ours), *_records("torchao-parq", 2, theirs),
+                               *_records("ste", 2, [x - 0.5 for x in ours])]).set_index(["row", "bits"])
+    assert table.loc[("parq", "2"), "is_best"] and not table.loc[("torchao-parq", "2"), "bold"]
+    assert table.loc[("torchao-parq", "2"), "decision"] is None and "torchao" not in table.loc[("parq", "2"), "decision"]

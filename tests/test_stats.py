@@ -43,35 +43,6 @@ def test_welch_p_is_none_for_a_single_run_and_decided_by_the_means_without_sprea
     assert stats.welch_p(stats.summarize([5.0, 5.0]), stats.summarize([6.0, 6.0])) == 0.0
 
 
-def test_cells_clearly_worse_than_the_best_are_not_bold_close_ones_are():
-    cells = {"parq": stats.summarize([85.0, 87.0]), "ste": stats.summarize([80.0, 84.0, 82.0]),
-             "talr": stats.summarize([70.0, 70.5, 69.5])}
-    verdicts = stats.against_best(cells, higher_is_better=True)
-    assert verdicts["parq"] == stats.Verdict(is_best=True, p_value=None, bold=True)
-    assert verdicts["ste"].bold and verdicts["ste"].p_value == pytest.approx(0.0824, abs=1e-4)
-    assert not verdicts["talr"].bold and verdicts["talr"].p_value == pytest.approx(0.0271, abs=1e-4)
-
-
-def test_lower_is_better_makes_the_lowest_mean_the_best():
-    cells = {"a": stats.summarize([20.0, 20.5]), "b": stats.summarize([30.0, 31.0])}
-    verdicts = stats.against_best(cells, higher_is_better=False)
-    assert verdicts["a"].is_best and verdicts["a"].bold and not verdicts["b"].bold
-
-
-def test_a_single_run_is_bold_only_as_the_best_and_a_single_best_run_tests_nothing():
-    close = stats.summarize([70.9, 70.95, 71.0])
-    verdicts = stats.against_best({"one": stats.summarize([71.0]), "three": close}, higher_is_better=True)
-    assert verdicts["one"].bold and verdicts["three"] == stats.Verdict(False, None, False)
-    verdicts = stats.against_best({"one": stats.summarize([70.9]), "three": close}, higher_is_better=True)
-    assert verdicts["three"].is_best and verdicts["one"] == stats.Verdict(False, None, False)
-
-
-def test_equal_best_means_are_all_best():
-    verdicts = stats.against_best({"a": stats.summarize([1.0]), "b": stats.summarize([1.0])}, True)
-    assert verdicts["a"].is_best and verdicts["b"].is_best
-    assert stats.against_best({}, True) == {}
-
-
 @pytest.mark.parametrize("text, expected", [
     ("91.22 ± 0.15", (91.22, 0.15)), ("91.22+-0.15", (91.22, 0.15)), ("91.22 +- 0.15", (91.22, 0.15)),
     ("91.22 +/- 0.15", (91.22, 0.15)), ("91.22", (91.22, None)), (91.82, (91.82, None)), (75, (75.0, None)),

@@ -31,6 +31,25 @@ def test_a_single_run_cannot_be_tested_and_is_not_in_the_best_group():
     assert decision.top == ("a",) and "b cannot be tested against it (a single run on one side)" in decision.sentence
 
 
+def test_a_single_best_run_and_equal_best_means():
+    close = [70.9, 70.95, 71.0]
+    decision = decide("1 bits", [_cell("one", [71.0]), _cell("three", close)], higher_is_better=True)
+    assert decision.top == ("one",) and decision.against_best("one") is None  # the best is not tested against itself
+    decision = decide("1 bits", [_cell("one", [70.9]), _cell("three", close)], higher_is_better=True)
+    assert decision.best == "three" and decision.top == ("three",)
+    decision = decide("1 bits", [_cell("a", [1.0]), _cell("b", [1.0])], higher_is_better=True)
+    assert set(decision.top) == {"a", "b"}
+
+
+def test_a_row_behind_the_best_names_exactly_the_top_rows_it_is_not_told_apart_from():
+    a = [90.0, 90.1, 89.9, 90.05, 89.95]
+    b = [x + d for x, d in zip(a, [2.0, -2.5, 1.5, -2.0, 0.8])]  # as good as a on average, but noisy
+    c = [x - d for x, d in zip(a, [1.0, 1.05, 0.95, 1.0, 1.02])]  # one point behind a on every seed
+    cells = [_cell("a", a), _cell("b", b), _cell("c", c)]
+    decision = decide("2 bits", cells, higher_is_better=True)
+    assert decision.top == ("a", "b") and "c is behind a but not told apart from b" in decision.sentence
+
+
 def _summary(values):
     return stats.summarize(values)
 

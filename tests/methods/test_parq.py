@@ -142,3 +142,19 @@ def test_the_flat_fast_path_computes_the_per_tensor_rule(make_method):
             method.prox_flat(method.latent_flat, t, out)
             expected = method.prox(method.latent[0].view(method.levels[0].shape[0], -1), method.levels[0], t)
             torch.testing.assert_close(out.view_as(expected), expected, rtol=1e-5, atol=1e-6)  # rounding only
+
+
+def test_no_annealing_is_ste_exactly_from_the_first_step(make_method):
+    """anneal_end = anneal_start: rho = 0 from the first step, the slope driven to infinity: STE, bit for bit."""
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(8, 30, generator=generator) * 0.1).tolist()
+    parq, p = make_method("parq", weight, lr=0.05, granularity="channel", anneal_start=0, anneal_end=0)
+    ste, q = make_method("ste", weight, lr=0.05, granularity="channel")
+    assert parq.inverse_slope(0) == 0.0
+    for _ in range(60):
+        noise = torch.randn(8, 30, generator=generator) * 0.05
+        for method, param in ((parq, p), (ste, q)):
+            param.grad = param.detach() * 0.5 + noise
+            method.step()
+            method.zero_grad()
+        assert torch.equal(p.data, q.data)

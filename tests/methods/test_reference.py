@@ -74,7 +74,8 @@ def float64_default():
     torch.set_default_dtype(previous)
 
 
-def _trajectories_agree(name: str, model: str, config: QuantizerConfig, device: str = "cpu", **method_args) -> float:
+def _trajectories_agree(name: str, model: str, config: QuantizerConfig, device: str = "cpu", finalize: bool = False,
+                        **method_args) -> float:
     """The largest difference between the two methods' model weights over STEPS steps of the same gradient field
     `grad L(p) = p - target + noise_t` (the same function of the weights for both)."""
     (ours, theirs), (mine, reference) = _pair(name, SHAPES[model], config, torch.float64, device, **method_args)
@@ -89,6 +90,12 @@ def _trajectories_agree(name: str, model: str, config: QuantizerConfig, device: 
             method.step()
             method.zero_grad()
         worst = max(worst, max((a - b).abs().max().item() for a, b in zip(mine, reference)))
+    if finalize:  # the exported model: both hard-quantize their last latent weights (w / gamma with quant_shrink)
+        ours.finalize()
+        theirs.finalize()
+        worst = max(worst, max((a - b).abs().max().item() for a, b in zip(mine, reference)))
+        tables = zip(ours.level_tables(), theirs.level_tables())
+        worst = max(worst, max((a.reshape(b.shape) - b).abs().max().item() for a, b in tables))
     return worst
 
 
@@ -126,7 +133,7 @@ def test_float64_trajectories_are_the_references_on_cuda(name, args, config, flo
 @pytest.mark.parametrize("config", [QuantizerConfig(2, "uniform", "channel"), QuantizerConfig(2, "lsbq", "tensor")],
                          ids=_id)
 def test_parq_with_aprox_shrinkage_is_the_references(config, float64_default):
-    assert _trajectories_agree("parq", "mlp", config, quant_shrink=True, warmup=20) <= 1e-9
+    assert _trajectories_agree("parq", "mlp", config, finalize=True, quant_shrink=True, warmup=20) <= 1e-9
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=_id)
@@ -197,6 +204,8 @@ def test_reference_methods_train_exactly_quantized_and_export(idx_root, isolated
 @pytest.mark.parametrize("argv, expected", [
     (["--method", "torchao-parq", "--method-arg", "slope_schedule=aprox"], "valid choices: sigmoid"),
     (["--method", "torchao-ste", "--scale", "learned"], "cannot learn its steps (--scale learned)"),
+    (["--method", "torchao-parq", "--method-arg", "anneal_start=0", "--method-arg", "anneal_end=0"],
+     "anneal_end=0: the reference's ProxPARQ anneals over anneal_start < anneal_end"),
     (["--method", "torchao-parq", "--task", "llama-20m", "--nproc", "2", "--fsdp"], "cannot train sharded parameters"),
 ])
 def test_what_the_reference_cannot_serve_is_a_one_line_error(argv, expected, capsys):

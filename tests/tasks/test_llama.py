@@ -82,6 +82,10 @@ def test_a_folder_split_into_train_and_validation_has_that_held_out_split(tmp_pa
             (tmp_path / "split" / part / name).write_text(text)
     train, val = load_tokens(tmp_path / "split", ByteTokenizer(), 0.5)  # val_fraction does not apply
     assert bytes(train.tolist()) == b"first\n\nsecond\n\n" and bytes(val.tolist()) == b"third\n\n"
+    (tmp_path / "split" / "stray.txt").write_text("left out")
+    with pytest.raises(QatbenchError, match="holds .txt files beside train/ and validation/"):
+        load_tokens(tmp_path / "split", ByteTokenizer(), 0.5)
+    (tmp_path / "split" / "stray.txt").unlink()
     (tmp_path / "split" / "validation" / "c.txt").unlink()
     with pytest.raises(QatbenchError, match="train/ and validation/ must each hold .txt files"):
         load_tokens(tmp_path / "split", ByteTokenizer(), 0.5)
