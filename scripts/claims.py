@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qatbench import stats
+from qatbench.atomic import write_text_atomic
 from qatbench.params import build_config
 from qatbench.registry import METHODS
 from qatbench.results import RunRecord, load_records
@@ -395,7 +396,7 @@ def main() -> None:
     if args.out is None:
         print(text)
     else:
-        (args.out / "claims.md").write_text(text)
+        write_text_atomic(args.out / "claims.md", text)
 
 
 if __name__ == "__main__":

@@ -446,3 +446,19 @@ def test_reference_rows_are_not_ranked_in_the_columns_family():
                                *_records("ste", 2, [x - 0.5 for x in ours])]).set_index(["row", "bits"])
     assert table.loc[("parq", "2"), "is_best"] and not table.loc[("torchao-parq", "2"), "bold"]
     assert table.loc[("torchao-parq", "2"), "decision"] is None and "torchao" not in table.loc[("parq", "2"), "decision"]
+
+
+def test_each_row_says_its_hyper_parameters_and_where_they_come_from(monkeypatch):
+    known = {"recipe": {"source": "paper", "note": "the toy paper's schedule"},
+             "methods": {"ste": {"source": "none", "note": "no settings"},
+                         "talr": {"source": "borrowed", "note": "lambda from another task"}}}
+    monkeypatch.setattr(leaderboard, "hyperparameters", lambda task: known if task == "toy" else {})
+    records = [*RECORDS[:4], *_records("talr", 2, [70.0, 70.5, 69.5], method_config={"rate_scale": 0.004})]
+    text = leaderboard.build(records, "x")["toy"]
+    rows = _by_label(_table(text, "row", "lr"))
+    assert rows["talr ⚑"] == ["0.02", "rate_scale=0.004", "borrowed", "lambda from another task"]
+    assert rows["ste"] == ["0.02", "-", "none", "no settings"]
+    assert "The recipe every row shares (paper): the toy paper's schedule." in text
+    assert "talr ⚑" in _by_label(_table(text, "method", "FP"))  # marked in the metric table too
+    monkeypatch.setattr(leaderboard, "hyperparameters", lambda task: {})
+    assert "Hyper-parameters of each row" not in leaderboard.build(records, "x")["toy"]
