@@ -76,6 +76,11 @@ class ReferenceMethod(Method):
     def prox_map(self, total_steps: int) -> Any:
         raise NotImplementedError
 
+    def anneal_points(self, total_steps: int) -> tuple[int, int]:
+        """The reference's annealing interval `[start, end)` in steps (it needs start < end)."""
+        start = resolve_point(self.config.anneal_start, total_steps, "anneal_start")
+        return start, max(start + 1, resolve_point(self.config.anneal_end, total_steps, "anneal_end"))
+
     @property
     def qat_started(self) -> bool:
         return "latent" in self.reference.state[self.params[0]]
@@ -190,9 +195,7 @@ class ReferenceBinaryRelax(ReferenceMethod):
     Config = BinaryRelaxConfig
 
     def prox_map(self, total_steps: int) -> Any:
-        start = resolve_point(self.config.anneal_start, total_steps, "anneal_start")
-        end = max(start + 1, resolve_point(self.config.anneal_end, total_steps, "anneal_end"))
-        return ProxBinaryRelax(start, end)
+        return ProxBinaryRelax(*self.anneal_points(total_steps))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,9 +214,7 @@ class ReferencePARQ(ReferenceMethod):
     Config = ReferencePARQConfig
 
     def prox_map(self, total_steps: int) -> Any:
-        start = resolve_point(self.config.anneal_start, total_steps, "anneal_start")
-        end = max(start + 1, resolve_point(self.config.anneal_end, total_steps, "anneal_end"))
-        return ProxPARQ(start, end, self.config.steepness, self.config.center)
+        return ProxPARQ(*self.anneal_points(total_steps), self.config.steepness, self.config.center)
 
 
 _register("torchao-ste", ReferenceSTE, "STE as the reference's ProxHardQuant in its QuantOptimizer (torchao).")

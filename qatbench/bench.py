@@ -64,8 +64,25 @@ class Spread:
         return f"{self.median:.2f}x ({self.low:.2f}-{self.high:.2f})"
 
 
+class _RatioRow:
+    """A row with a ratio's median and spread over rounds (`ratio`, `ratio_low`, `ratio_high`) and its `target`."""
+
+    ratio: float
+    ratio_low: float
+    ratio_high: float
+    target: float
+
+    @property
+    def spread(self) -> Spread:
+        return Spread(self.ratio, self.ratio_low, self.ratio_high)
+
+    @property
+    def verdict(self) -> str:
+        return self.spread.verdict(self.target)
+
+
 @dataclasses.dataclass
-class BenchRow:
+class BenchRow(_RatioRow):
     method: str
     bits: str
     step_ms: float
@@ -82,18 +99,10 @@ class BenchRow:
     peak_allocated_mb: float | None
     ops: StepOps | None = None  # operations dispatched by one method step outside a level refresh
 
-    @property
-    def spread(self) -> Spread:
-        return Spread(self.ratio, self.ratio_low, self.ratio_high)
-
-    @property
-    def verdict(self) -> str:
-        return self.spread.verdict(self.target)
-
 
 @dataclasses.dataclass
-class PeerRow:
-    """qatbench's step against its peer's (the same rule in the PARQ authors' reference), same model and batches."""
+class PeerRow(_RatioRow):
+    """qatbench's step against its peer's (the same rule in the PARQ authors' reference), same model and data."""
 
     rule: str
     peer: str
@@ -104,14 +113,6 @@ class PeerRow:
     ratio_low: float
     ratio_high: float
     target: float
-
-    @property
-    def spread(self) -> Spread:
-        return Spread(self.ratio, self.ratio_low, self.ratio_high)
-
-    @property
-    def verdict(self) -> str:
-        return self.spread.verdict(self.target)
 
 
 @dataclasses.dataclass
