@@ -141,9 +141,25 @@ def _row_config(spec: dict[str, Any], quantized: bool) -> dict[str, Any]:
     the FP baseline's quantizer only measures transitions) and every run option (precision, threads, processes,
     ...), so that two runs of one seed in one cell are runs of one identity."""
     recipe = {k: v for k, v in (spec.get("recipe_config") or {}).items() if k not in BUDGET_KEYS}
-    quantizer = {k: v for k, v in (spec.get("quantizer") or {}).items() if k != "bits"} if quantized else {}
-    rest = {k: v for k, v in spec.items() if k not in NOT_ROW_KEYS}
-    return {**rest, **recipe, **quantizer}
+    quantizer = {k: v for k, v in (spec.get("quantizer") or {}).items() if k not in ("bits", "scale")} if quantized else {}
+    rest = {k: v for k, v in spec.items() if k not in (*NOT_ROW_KEYS, "steps")}
+    return {**rest, **_steps_config(spec.get("steps")), **recipe, **quantizer}
+
+
+STEP_DEFAULTS = {"weight_steps": "estimated", "step_lr": None, "step_momentum": None}
+"""Row settings of learned steps whose default a row label leaves unsaid."""
+
+
+def _steps_config(steps: Any) -> dict[str, Any]:
+    """The identity's `steps` (learned steps: their lr and momentum, None for the recipe's; the weights' steps
+    estimated, learned or frozen) as row settings that name themselves. A label leaves them out at their defaults
+    (`STEP_DEFAULTS`), so a W+A run of a method shares the row of its weight-only runs (the column tells them
+    apart) and a learned-step row reads `weight_steps=learned`. The quantizer's `scale` is left out beside them:
+    learned or frozen weight steps are exactly `scale: learned`."""
+    if not isinstance(steps, dict):
+        return {}
+    names = {"weights": "weight_steps", "lr": "step_lr", "momentum": "step_momentum"}
+    return {names[k]: v for k, v in steps.items() if k in names}
 
 
 def _value_text(value: Any) -> str:
@@ -152,18 +168,23 @@ def _value_text(value: Any) -> str:
 
 def label_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """`frame` with a `row` column: the method, plus the configuration keys that vary within its (task, section):
-    its own options where they vary between its runs, and the shared hyper-parameters where they vary between
-    any runs of the section."""
+    its own options where they vary between its runs, the shared hyper-parameters where they vary between any runs
+    of the section, and its learned steps' settings (`STEP_DEFAULTS`, a method's own defaults) where they vary
+    between its runs, each of these unsaid at its default."""
     labels = pd.Series("", index=frame.index, dtype=object)
     for _, section in frame.groupby(["task", "section"]):
         shared = section["row_config"].map(json.loads)
-        shared_keys = _varying_keys(shared.tolist(), absent_differs=False)  # the FP rows have no quantizer keys
+        shared_keys = [k for k in _varying_keys(shared.tolist(), absent_differs=False)  # FP rows lack quantizer keys
+                       if k not in STEP_DEFAULTS]
         for method, group in section.groupby("method"):
             own = group["method_config"].map(json.loads)
             own_keys = _varying_keys(own.tolist(), absent_differs=True)
+            step_keys = [k for k in _varying_keys(shared[group.index].tolist(), absent_differs=False)
+                         if k in STEP_DEFAULTS]
             for index in group.index:
                 parts = [f"{k}={_value_text(own[index][k])}" for k in own_keys if k in own[index]]
-                parts += [f"{k}={_value_text(shared[index][k])}" for k in shared_keys if k in shared[index]]
+                parts += [f"{k}={_value_text(shared[index][k])}" for k in sorted([*shared_keys, *step_keys])
+                          if k in shared[index] and shared[index][k] != STEP_DEFAULTS.get(k, ...)]
                 labels[index] = f"{method} ({', '.join(parts)})" if parts else method
     return frame.assign(row=labels)
 

@@ -1,6 +1,9 @@
 """leaderboard/claims.md: each paper's headline claims, tested at the scale this machine allows, from run records.
 
-    python scripts/claims.py leaderboard/records --out leaderboard
+    python scripts/claims.py leaderboard/records leaderboard/claims-records --out leaderboard
+
+(leaderboard/records: the published tables' runs; leaderboard/claims-records: the runs only a claim needs, kept out
+of the tables so that they do not enter a column's family of tests.)
 
 For each claim: the paper's words and number, the qatbench setting that tests it, the measured result with its
 interval, a verdict (supported / not supported / not decided / not testable here, and why) and the commands whose
@@ -320,8 +323,8 @@ def _loss_figure(curves: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def build(folder: Path, out: Path | None) -> str:
-    records = Records(load_records([folder]))
+def build(folders: Sequence[Path], out: Path | None) -> str:
+    records = Records(load_records(list(folders)))
     claims = Claims(records)
     table = "qatbench sweep configs/fashion-mnist-mlp.yaml"
     lm = "qatbench sweep configs/llama-1m-shakespeare.yaml --data-root DATA"
@@ -376,8 +379,10 @@ def build(folder: Path, out: Path | None) -> str:
                         "no CIFAR-10 or ImageNet on this machine (configs/talr-*.yaml are the sweeps).")
 
     header = ["# Each paper's headline claims, tested at the scale of this machine", "",
-              "Every number below is computed by `python scripts/claims.py leaderboard/records --out leaderboard` "
-              f"from the run records in `leaderboard/records` ({len(records.records)} finished runs; qatbench "
+              "Every number below is computed by `python scripts/claims.py leaderboard/records "
+              "leaderboard/claims-records --out leaderboard` from the run records in those two folders (the "
+              "published tables' runs and the runs only a claim needs, kept out of the tables' tests; "
+              f"{len(records.records)} finished runs; qatbench "
               f"commits {', '.join(records.commits())}), on a 2-core CPU machine. A comparison of two methods is "
               "paired over the seeds they share (the same seed gives both the same initial weights and data order): "
               "the mean difference with its 95% Student-t interval and the paired t-test's p. Verdicts: "
@@ -389,7 +394,7 @@ def build(folder: Path, out: Path | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("records", type=Path)
+    parser.add_argument("records", type=Path, nargs="+", help="folders of run records")
     parser.add_argument("--out", type=Path, default=None, help="write claims.md (and its figure) here")
     args = parser.parse_args()
     text = build(args.records, args.out)

@@ -371,6 +371,18 @@ def test_every_identity_option_is_a_row_setting():
     assert set(rows) == {"ste (threads=1)", "ste (threads=2)"}  # two configurations, not one seed counted twice
 
 
+def test_a_w_a_run_shares_its_methods_row_and_learned_steps_name_themselves():
+    activations = {"activations": {"bits": 2, "form": "lsq", "init": "lsq", "trained": True}}
+    learned = {"bits": 2, "scheme": "uniform", "granularity": "channel", "scale": "learned", "step_init": "lsq"}
+    records = [_record("ste", 2, 0, 84.0),
+               _record("ste", 2, 0, 82.0, **activations, steps={"lr": None, "momentum": None, "weights": "estimated"}),
+               _record("ste", 2, 0, 83.0, **activations, steps={"lr": None, "momentum": None, "weights": "learned"},
+                       quantizer=learned)]
+    rows = _by_label(_table(leaderboard.build(records, "x")["toy"], "method", "FP", "2", "2/2"))
+    assert {label: [c.strip("*†") for c in cells[1:]] for label, cells in rows.items()} == {
+        "ste": ["84.00 (1)", "82.00 (1)"], "ste (weight_steps=learned)": ["—", "83.00 (1)"]}
+
+
 def _written(folder, records):
     """Records written as files (as runs write them), read back with their sources."""
     from qatbench.results import RUN_ID, load_records
