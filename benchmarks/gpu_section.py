@@ -9,12 +9,12 @@ and against the reference, with spreads and the load average); OUT/pytest-cuda.t
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from tabulate import tabulate
 
+from bench_tables import bench_tables  # beside this file
 from qatbench.quant import bits_label
 from qatbench.results import load_records
 
@@ -41,12 +41,7 @@ def _megabytes(value: float | None) -> str:
 def main(out: Path) -> str:
     parts = ["## GPU", "", f"Written by `benchmarks/gpu.sh` (records in `{out}`); timing data only (CIFAR-shaped "
              "noise, a sample text corpus).", "", "### Training runs", "", _runs_table(out / "runs")]
-    for path in sorted((out / "bench").glob("*.json")):
-        record = json.loads(path.read_text())
-        environment = record["environment"]
-        parts += ["", f"### `{record['command']}`", "",
-                  f"{environment.get('device_name', '?')}, torch {environment.get('torch', '?')}, "
-                  f"commit {environment.get('git_commit', '?')}", "", record["markdown"]]
+    parts += bench_tables(out / "bench")
     tests = out / "pytest-cuda.txt"
     summary = tests.read_text().strip().splitlines()[-1] if tests.exists() and tests.read_text().strip() else "not run"
     parts += ["", "### CUDA-only tests (`pytest -m cuda`)", "", summary, ""]
