@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the bench records behind leaderboard/performance.md (CPU; add --device cuda on a GPU machine).
-#   benchmarks/performance.sh [OUT]   (default leaderboard/performance/bench; about 10 minutes on 2 cores)
+#   benchmarks/performance.sh [OUT]   (default leaderboard/performance/bench; about 5 minutes on 2 cores)
+# Every bench runs on one thread (the CPU default); OUT/tables.md gets the tables of leaderboard/performance.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-leaderboard/performance/bench}
@@ -16,5 +17,4 @@ qatbench bench --task cifar10-resnet20 --data-root "$DATA/cifar-shaped" --quanti
 qatbench bench --task llama-20m --data-root "$DATA/corpus.txt" --task-arg seq_len=128 --batch-size 8 \
     --steps 4 --warmup 2 --rounds 3 --out "$OUT"
 pytest benchmarks --benchmark-enable --benchmark-sort=name --benchmark-json="$OUT/pytest-bench.json" -p no:cacheprovider
-# the MLP again with one core and one thread, as the leaderboard's runs were measured (a 2-worker pool, a core each)
-taskset -c 0 qatbench bench --task fashion-mnist-mlp --rounds 30 --steps 25 --out "$OUT"
+python benchmarks/bench_tables.py "$OUT" > "$OUT/tables.md"
