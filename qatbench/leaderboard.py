@@ -35,7 +35,7 @@ from .plots import (
     metric_vs_time_plot,
     transition_rate_plot,
 )
-from .quant import bits_label, bits_order, parse_bits
+from .quant import bits_label, bits_order, bits_words, parse_bits
 from .results import RunRecord
 from .task import hyperparameters, published
 
@@ -327,7 +327,7 @@ def _with_verdicts(table: pd.DataFrame) -> pd.DataFrame:
     ranked = table["quantized"] & ~table["method"].str.startswith(REFERENCE_PREFIX)
     for (_, _, bits), group in table[ranked].groupby(["task", "section", "bits"]):
         cells = [verdicts.Cell(cell["row"], cell["values"]) for _, cell in group.iterrows()]
-        decision = verdicts.decide(_bits_words(bits), cells, bool(group["higher_is_better"].iloc[0]))
+        decision = verdicts.decide(bits_words(bits), cells, bool(group["higher_is_better"].iloc[0]))
         for i, cell in group.iterrows():
             versus = decision.against_best(cell["row"])
             tested = versus is not None and versus.p_holm is not None
@@ -533,11 +533,6 @@ def _bold_rule(section: pd.DataFrame) -> str:
             "the best mean, and a column whose best cell is a single run has no other bold cell.")
 
 
-def _bits_words(bits: str) -> str:
-    """A column in words: "1 bit", "2 bits", "2/2 bits" (weights / activations)."""
-    return f"{bits} bit{'' if bits == '1' else 's'}"
-
-
 def _decisions(section: pd.DataFrame) -> str:
     """What each bit-width column decides (one sentence each) and the cells to check, with their reasons."""
     quantized = section[section["quantized"]]
@@ -550,7 +545,7 @@ def _decisions(section: pd.DataFrame) -> str:
     if len(flagged):
         lines += ["", "Cells to check (⚠: they look wrong next to their neighbours; a reader should look at their "
                       "runs before trusting them):", ""]
-        lines += [f"- {cell['row']}, {_bits_words(cell['bits'])}: {cell['check']}." for _, cell in flagged.iterrows()]
+        lines += [f"- {cell['row']}, {bits_words(cell['bits'])}: {cell['check']}." for _, cell in flagged.iterrows()]
     return "\n".join(lines)
 
 

@@ -80,6 +80,11 @@ def bits_label(bits: int | None) -> str:
     return "T" if bits == TERNARY else str(bits)
 
 
+def bits_words(label: str) -> str:
+    """A bit-width label in words: "1 bit", "2 bits", "2/2 bits" (weights / activations)."""
+    return f"{label} bit{'' if label == '1' else 's'}"
+
+
 def bits_order(bits: int | None) -> float:
     """Sort key that puts ternary (log2 3 = 1.58 bits) between 1 and 2 bits, FP last."""
     if bits is None:
