@@ -557,6 +557,8 @@ def _metric_table(section: pd.DataFrame) -> str:
             for row, group in _rows(section)]
     first = section.iloc[0]
     direction = "higher is better" if first["higher_is_better"] else "lower is better"
+    if first["metric_name"] == "perplexity" and "tokenizer=byte" in first["section"]:
+        direction += "; with the byte tokenizer a token is one byte, so ln(perplexity) is the loss in nats per byte"
     level, quantile = f"{stats.LEVEL:.0%}", f"{(1 + stats.LEVEL) / 2:g}"
     legend = (f"Final {first['metric_name']} after exact quantization: mean ± sample standard deviation (number "
               f"of seeds) [{level} confidence interval of the mean, Student t: mean ± t({quantile}, n−1)·s/√n]; "

@@ -212,7 +212,10 @@ def test_lower_is_better_metrics_bold_the_lowest():
     assert metric["parq"][1].startswith("**20.25")  # the lowest
     assert metric["fogzo"][1].startswith("**20.40")  # p = 0.69 against it
     assert metric["ste"][1].startswith("30.50")  # p = 0.010
-    assert "lower is better" in text
+    assert "lower is better" in text and "nats per byte" not in text
+    for r in records:
+        r.spec = {**r.spec, "task_config": {"tokenizer": "byte"}}
+    assert "ln(perplexity) is the loss in nats per byte" in leaderboard.build(records, "x")["toy"]
 
 
 def test_cost_table_shows_training_state_step_rss_increase_and_packed_size_on_cpu():
