@@ -48,7 +48,7 @@ PEER_TARGET = {"cpu": 1.0, "cuda": 0.5}  # qatbench's step against its peer's: a
 
 @dataclasses.dataclass(frozen=True)
 class Spread:
-    """A ratio's median over all timed steps and its lowest and highest over the rounds."""
+    """A ratio over the rounds (each round's median step against the same round's): median, lowest, highest."""
 
     median: float
     low: float
@@ -136,11 +136,10 @@ class _Contender:
 
 
 def _spread(ours: _Contender, theirs: _Contender) -> Spread:
-    """`ours / theirs`: the ratio of medians over all steps, and over rounds the lowest and highest ratio of
-    the two contenders' medians in the same round."""
+    """`ours / theirs` round by round (the two contenders' median steps in the same round, which share the
+    machine's state): the median, lowest and highest of those ratios, so the median always lies in its spread."""
     per_round = [statistics.median(a) / statistics.median(b) for a, b in zip(ours.times, theirs.times)]
-    return Spread(statistics.median(ours.all_times) / statistics.median(theirs.all_times), min(per_round),
-                  max(per_round))
+    return Spread(statistics.median(per_round), min(per_round), max(per_round))
 
 
 def _load() -> tuple[float, float, float] | None:
@@ -350,7 +349,7 @@ def markdown(result: BenchResult) -> str:
               "" if r.bytes_per_weight is None else f"{r.bytes_per_weight:.2f}",
               "" if r.refresh_ms is None else f"{r.refresh_ms:.3f}", f"{r.checkpoint_ms:.1f}", f"{r.checkpoint_mb:.2f}",
               "" if r.peak_allocated_mb is None else f"{r.peak_allocated_mb:.0f}"] for r in ordered]
-    timing = tabulate(table, headers=["method", "bits", "step ms (median)", "vs fp (rounds' min-max)", "target", "met",
+    timing = tabulate(table, headers=["method", "bits", "step ms (median)", "vs fp: rounds' median (min-max)", "target", "met",
                                       "state MB",
                                       "vs fp", "bytes/weight", "refresh ms", "checkpoint ms", "checkpoint MB",
                                       "peak alloc MB"], tablefmt="github", disable_numparse=True)
@@ -364,8 +363,8 @@ def markdown(result: BenchResult) -> str:
         parts.append("Against the PARQ authors' reference (torchao.prototype.parq), the same rule on the same model, "
                      "data and seed (the contenders draw consecutive batches of one stream, taking turns):\n\n"
                      + tabulate(peers, headers=[
-                         "rule", "reference", "bits", "qatbench ms", "reference ms", "qatbench / reference "
-                         "(rounds' min-max)", "target", "met"], tablefmt="github", disable_numparse=True))
+                         "rule", "reference", "bits", "qatbench ms", "reference ms", "qatbench / reference: "
+                         "rounds' median (min-max)", "target", "met"], tablefmt="github", disable_numparse=True))
     if counted:
         operations = tabulate(counted, headers=["method", "bits", "step ops", "base foreach step", "extra",
                                                 "probe forward ops", "refresh ops", "host reads"],

@@ -82,7 +82,8 @@ def _record_row(r: RunRecord) -> dict[str, Any]:
         "task": r.task, "method": r.method, "quantized": quantized, "bits": column_label(r, quantized),
         "bits_order": column_order(r, quantized), "seed": r.seed, "status": r.status,
         "metric": r.metric, "metric_name": r.metric_name, "higher_is_better": r.higher_is_better,
-        "section": section_key(spec), "method_config": json.dumps(spec.get("method_config") or {}, sort_keys=True),
+        "section": section_key(spec), "byte_tokens": (spec.get("task_config") or {}).get("tokenizer") == "byte",
+        "method_config": json.dumps(spec.get("method_config") or {}, sort_keys=True),
         "row_config": json.dumps(_row_config(spec, quantized), sort_keys=True, default=str),
         "device_type": device_type, "step_ms": (r.timing or {}).get("steady_step_ms"),
         "train_s": (r.timing or {}).get("train_s"), "state_mb": _mb((memory.get("state_bytes") or {}).get("total")),
@@ -143,23 +144,28 @@ def _row_config(spec: dict[str, Any], quantized: bool) -> dict[str, Any]:
     recipe = {k: v for k, v in (spec.get("recipe_config") or {}).items() if k not in BUDGET_KEYS}
     quantizer = {k: v for k, v in (spec.get("quantizer") or {}).items() if k not in ("bits", "scale")} if quantized else {}
     rest = {k: v for k, v in spec.items() if k not in (*NOT_ROW_KEYS, "steps")}
-    return {**rest, **_steps_config(spec.get("steps")), **recipe, **quantizer}
+    return {**rest, **_steps_config(spec.get("steps"), spec.get("activations")), **recipe, **quantizer}
 
 
-STEP_DEFAULTS = {"weight_steps": "estimated", "step_lr": None, "step_momentum": None}
-"""Row settings of learned steps whose default a row label leaves unsaid."""
+STEP_KEYS = ("weight_steps", "step_init", "step_lr", "step_momentum", "act_step_init")  # a row's learned steps
+OWN_STEP_KEYS = ("step_lr", "step_momentum", "act_step_init")
+"""Row settings of learned steps whose defaults are each method's own (TALR trains its steps at 0.01 without
+momentum, LSQ at the recipe's lr; TALR starts activation steps at 3 std, LSQ at 2 mean|x| / sqrt(Q_P)): a label
+names them where they vary between the method's runs of a section."""
 
 
-def _steps_config(steps: Any) -> dict[str, Any]:
-    """The identity's `steps` (learned steps: their lr and momentum, None for the recipe's; the weights' steps
-    estimated, learned or frozen) as row settings that name themselves. A label leaves them out at their defaults
-    (`STEP_DEFAULTS`), so a W+A run of a method shares the row of its weight-only runs (the column tells them
-    apart) and a learned-step row reads `weight_steps=learned`. The quantizer's `scale` is left out beside them:
-    learned or frozen weight steps are exactly `scale: learned`."""
-    if not isinstance(steps, dict):
-        return {}
-    names = {"weights": "weight_steps", "lr": "step_lr", "momentum": "step_momentum"}
-    return {names[k]: v for k, v in steps.items() if k in names}
+def _steps_config(steps: Any, activations: Any) -> dict[str, Any]:
+    """The identity's learned steps as row settings that name themselves: `weight_steps` (estimated, learned or
+    frozen: a label names it unless estimated, so a W+A run of a method shares the row of its weight-only runs and
+    an LSQ row reads `weight_steps=learned`), and `OWN_STEP_KEYS` (the steps' lr and momentum, None for the
+    recipe's, and where the activations' steps start). The quantizer's `scale` is left out beside them: learned
+    or frozen weight steps are exactly `scale: learned`."""
+    config = {}
+    if isinstance(steps, dict):
+        config = {"weight_steps": steps.get("weights"), "step_lr": steps.get("lr"), "step_momentum": steps.get("momentum")}
+    if isinstance(activations, dict):
+        config["act_step_init"] = activations.get("init")
+    return config
 
 
 def _value_text(value: Any) -> str:
@@ -169,22 +175,25 @@ def _value_text(value: Any) -> str:
 def label_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """`frame` with a `row` column: the method, plus the configuration keys that vary within its (task, section):
     its own options where they vary between its runs, the shared hyper-parameters where they vary between any runs
-    of the section, and its learned steps' settings (`STEP_DEFAULTS`, a method's own defaults) where they vary
-    between its runs, each of these unsaid at its default."""
+    of the section, its weights' steps unless estimated, and its learned steps' own settings (`OWN_STEP_KEYS`)
+    where they vary between its runs."""
     labels = pd.Series("", index=frame.index, dtype=object)
     for _, section in frame.groupby(["task", "section"]):
         shared = section["row_config"].map(json.loads)
         shared_keys = [k for k in _varying_keys(shared.tolist(), absent_differs=False)  # FP rows lack quantizer keys
-                       if k not in STEP_DEFAULTS]
+                       if k != "weight_steps" and k not in OWN_STEP_KEYS]
         for method, group in section.groupby("method"):
             own = group["method_config"].map(json.loads)
             own_keys = _varying_keys(own.tolist(), absent_differs=True)
             step_keys = [k for k in _varying_keys(shared[group.index].tolist(), absent_differs=False)
-                         if k in STEP_DEFAULTS]
+                         if k in OWN_STEP_KEYS]
             for index in group.index:
+                config = shared[index]
+                named = {k: config[k] for k in [*shared_keys, *step_keys] if k in config}
+                if config.get("weight_steps") not in (None, "estimated"):
+                    named["weight_steps"] = config["weight_steps"]
                 parts = [f"{k}={_value_text(own[index][k])}" for k in own_keys if k in own[index]]
-                parts += [f"{k}={_value_text(shared[index][k])}" for k in sorted([*shared_keys, *step_keys])
-                          if k in shared[index] and shared[index][k] != STEP_DEFAULTS.get(k, ...)]
+                parts += [f"{k}={_value_text(v)}" for k, v in sorted(named.items())]
                 labels[index] = f"{method} ({', '.join(parts)})" if parts else method
     return frame.assign(row=labels)
 
@@ -283,7 +292,7 @@ def checked_conflicts(frame: pd.DataFrame, allow: bool) -> list[Conflict]:
 def cell_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """The cells of a labelled frame of finished records, sorted by task, section, row and bit width."""
     if frame.empty:
-        return pd.DataFrame(columns=[*CELL_COLUMNS, "bits_order", "fp32_mb", "device_type", "values"])
+        return pd.DataFrame(columns=[*CELL_COLUMNS, "bits_order", "fp32_mb", "device_type", "values", "byte_tokens"])
     keys = ["task", "section", "row", "bits"]
     table = pd.DataFrame([_summarize_cell(g) for _, g in frame.groupby(keys, sort=False)])
     table = table.sort_values(["task", "section", "quantized", "row", "bits_order"], ignore_index=True)
@@ -302,7 +311,7 @@ def _summarize_cell(group: pd.DataFrame) -> dict[str, Any]:
         "task": first["task"], "section": first["section"], "row": first["row"], "method": first["method"],
         "quantized": bool(first["quantized"]), "bits": first["bits"], "bits_order": first["bits_order"],
         "metric_name": first["metric_name"], "higher_is_better": bool(first["higher_is_better"]),
-        "device_type": first["device_type"], "values": dict(zip(group["seed"], group["metric"])),
+        "byte_tokens": bool(first["byte_tokens"]), "device_type": first["device_type"], "values": dict(zip(group["seed"], group["metric"])),
         "n": summary.n, "mean": summary.mean, "std": summary.std,
         "ci_low": summary.ci_low, "ci_high": summary.ci_high, "step_ms": group["step_ms"].median(),
         "train_s": group["train_s"].median(), "state_mb": group["state_mb"].median(),
@@ -557,7 +566,7 @@ def _metric_table(section: pd.DataFrame) -> str:
             for row, group in _rows(section)]
     first = section.iloc[0]
     direction = "higher is better" if first["higher_is_better"] else "lower is better"
-    if first["metric_name"] == "perplexity" and "tokenizer=byte" in first["section"]:
+    if first["metric_name"] == "perplexity" and first["byte_tokens"]:
         direction += "; with the byte tokenizer a token is one byte, so ln(perplexity) is the loss in nats per byte"
     level, quantile = f"{stats.LEVEL:.0%}", f"{(1 + stats.LEVEL) / 2:g}"
     legend = (f"Final {first['metric_name']} after exact quantization: mean ± sample standard deviation (number "
@@ -632,13 +641,16 @@ def _hyperparameter_table(section: pd.DataFrame, records: pd.DataFrame) -> str:
         lr = sorted({json.loads(c).get("lr") for c in runs["row_config"]} - {None})
         entry = methods.get(method) or {"source": "unknown", "note": "not in tasks/hyperparameters.yaml"}
         label = f"{row} {BORROWED}" if entry.get("source") == "borrowed" else row
+        steps = json.loads(runs["row_config"].iloc[0]) if len(runs) else {}
         rows.append([label, ", ".join(f"{x:g}" for x in lr), ", ".join(f"{k}={_value_text(v)}"
                                                                      for k, v in settings.items()) or "-",
+                     ", ".join(f"{k}={'recipe' if steps[k] is None else _value_text(steps[k])}"
+                               for k in STEP_KEYS if k in steps) or "-",
                      entry.get("source", ""), entry.get("note", "")])
     return (f"\nHyper-parameters of each row and where they come from (`tasks/hyperparameters.yaml`; {BORROWED}: a "
             f"setting borrowed from another task or paper and not tuned here, so the row may understate its method). "
             f"The recipe every row shares ({recipe.get('source', 'unknown')}): {recipe.get('note', '')}.\n\n"
-            + _table(["row", "lr", "method settings", "source", "why"], rows) + "\n")
+            + _table(["row", "lr", "method settings", "steps (W+A, learned)", "source", "why"], rows) + "\n")
 
 
 def _delta_table(section: pd.DataFrame) -> str:

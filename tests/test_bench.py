@@ -88,7 +88,7 @@ def test_a_method_is_timed_against_its_peer_in_the_reference(idx_root, isolated_
     rows = {r.method: r for r in result.rows}
     for rule, peer in peers.items():
         assert peer.step_ms == rows[rule].step_ms and peer.peer_ms == rows[f"torchao-{rule}"].step_ms
-        assert peer.ratio_low <= peer.ratio_high and peer.ratio == pytest.approx(peer.step_ms / peer.peer_ms)
+        assert peer.ratio_low <= peer.ratio <= peer.ratio_high  # the median of the rounds' ratios, within them
     assert rows["torchao-parq"].refresh_ms > 0  # the reference's own refresh, timed
     assert "Against the PARQ authors' reference" in markdown(result)
 

@@ -377,13 +377,34 @@ def test_every_identity_option_is_a_row_setting():
 def test_a_w_a_run_shares_its_methods_row_and_learned_steps_name_themselves():
     activations = {"activations": {"bits": 2, "form": "lsq", "init": "lsq", "trained": True}}
     learned = {"bits": 2, "scheme": "uniform", "granularity": "channel", "scale": "learned", "step_init": "lsq"}
+    estimated_steps = {"lr": None, "momentum": None, "weights": "estimated"}
     records = [_record("ste", 2, 0, 84.0),
-               _record("ste", 2, 0, 82.0, **activations, steps={"lr": None, "momentum": None, "weights": "estimated"}),
-               _record("ste", 2, 0, 83.0, **activations, steps={"lr": None, "momentum": None, "weights": "learned"},
+               _record("ste", 2, 0, 82.0, **activations, steps=estimated_steps),
+               _record("ste", 2, 0, 83.0, **activations, steps={**estimated_steps, "weights": "learned"},
                        quantizer=learned)]
     rows = _by_label(_table(leaderboard.build(records, "x")["toy"], "method", "FP", "2", "2/2"))
     assert {label: [c.strip("*†") for c in cells[1:]] for label, cells in rows.items()} == {
         "ste": ["84.00 (1)", "82.00 (1)"], "ste (weight_steps=learned)": ["—", "83.00 (1)"]}
+    # every run learned: still named, though nothing varies
+    rows = _by_label(_table(leaderboard.build(records[2:], "x")["toy"], "method", "FP", "2/2"))
+    assert set(rows) == {"ste (weight_steps=learned)"}
+
+
+def test_runs_of_one_column_that_differ_in_their_steps_settings_get_rows_of_their_own():
+    """A method's own step settings (TALR's lr 0.01) are unsaid until they vary between its runs; two W+A runs
+    that differ only in where their activation steps start are two rows, not one cell of two records."""
+    talr = {"lr": 0.01, "momentum": 0.0, "weights": "estimated"}
+    records = [_record("talr", 2, 0, 70.0, activations={"bits": 2, "form": "lsq", "init": "3std", "trained": True},
+                       steps=talr),
+               _record("talr", 2, 0, 71.0, activations={"bits": 2, "form": "lsq", "init": "lsq", "trained": True},
+                       steps=talr),
+               _record("talr", 2, 0, 72.0, activations={"bits": 2, "form": "lsq", "init": "lsq", "trained": True},
+                       steps={**talr, "lr": 0.02})]
+    rows = _by_label(_table(leaderboard.build(records, "x")["toy"], "method", "FP", "2/2"))
+    assert set(rows) == {"talr (act_step_init=3std, step_lr=0.01)", "talr (act_step_init=lsq, step_lr=0.01)",
+                         "talr (act_step_init=lsq, step_lr=0.02)"}
+    rows = _by_label(_table(leaderboard.build(records[:1], "x")["toy"], "method", "FP", "2/2"))
+    assert set(rows) == {"talr"}
 
 
 def _written(folder, records):
@@ -468,11 +489,15 @@ def test_each_row_says_its_hyper_parameters_and_where_they_come_from(monkeypatch
              "methods": {"ste": {"source": "none", "note": "no settings"},
                          "talr": {"source": "borrowed", "note": "lambda from another task"}}}
     monkeypatch.setattr(leaderboard, "hyperparameters", lambda task: known if task == "toy" else {})
-    records = [*RECORDS[:4], *_records("talr", 2, [70.0, 70.5, 69.5], method_config={"rate_scale": 0.004})]
+    learned = {"bits": 2, "scheme": "uniform", "granularity": "channel", "scale": "learned", "step_init": "lsq"}
+    records = [*RECORDS[:4], *_records("talr", 2, [70.0, 70.5, 69.5], method_config={"rate_scale": 0.004}),
+               _record("ste", 2, 0, 83.0, quantizer=learned, steps={"lr": None, "momentum": None, "weights": "learned"})]
     text = leaderboard.build(records, "x")["toy"]
     rows = _by_label(_table(text, "row", "lr"))
-    assert rows["talr ⚑"] == ["0.02", "rate_scale=0.004", "borrowed", "lambda from another task"]
-    assert rows["ste"] == ["0.02", "-", "none", "no settings"]
+    assert rows["talr ⚑"] == ["0.02", "rate_scale=0.004", "-", "borrowed", "lambda from another task"]
+    assert rows["ste"] == ["0.02", "-", "-", "none", "no settings"]
+    assert rows["ste (weight_steps=learned)"] == ["0.02", "-", "weight_steps=learned, step_init=lsq, step_lr=recipe, "
+                                                  "step_momentum=recipe", "none", "no settings"]
     assert "The recipe every row shares (paper): the toy paper's schedule." in text
     assert "talr ⚑" in _by_label(_table(text, "method", "FP"))  # marked in the metric table too
     monkeypatch.setattr(leaderboard, "hyperparameters", lambda task: {})
