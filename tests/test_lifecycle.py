@@ -16,9 +16,16 @@ from qatbench.results import load_records, read_record
 
 
 def qatbench_process(*argv: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`python -m qatbench ARGV` in its own process, its output captured."""
+    """`python -m qatbench ARGV` in its own process, its output captured, with SIGINT at its default as in a
+    terminal (a shell's background job, e.g. `nohup pytest &`, ignores SIGINT and its children inherit that, so
+    Python would never raise KeyboardInterrupt and a Ctrl-C test could not hold)."""
     return subprocess.Popen([sys.executable, "-m", "qatbench", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(path_glob: tuple[Path, str], process: subprocess.Popen, timeout: float = 120.0) -> Path:
