@@ -4,8 +4,8 @@ Every method trains the same model, built exactly as a run builds it (`build_tra
 on the same task in one process. After a warm-up, the step (forward + backward +
 `method.step` + `zero_grad`) is timed one step at a time, the methods taking turns in
 several rounds so that a slow moment of a shared machine spreads over all of them; the
-median is reported, with its ratio to the median FP step and the spread of that ratio over the
-rounds (each round's median against the same round's FP median: min, median, max). A ratio
+median step is reported, with its ratio to FP taken round by round (each round's median against
+the same round's FP median) and given as the median of those ratios with their min and max. A ratio
 meets its target only where its whole spread lies below it, misses where its whole spread lies
 above, and is "noisy: rerun" where the spread straddles it; the machine's load average before
 and after is recorded beside. A method with a peer (the PARQ authors' reference, `torchao-*`)
